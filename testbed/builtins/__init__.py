@@ -1,0 +1,1 @@
+"""Built-in components: ordinary plugins, registered through the `testbed` entry points."""

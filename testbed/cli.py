@@ -1,0 +1,141 @@
+"""`testbed run | validate | plugins`: exit 0 on success, 2 on a user mistake."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from testbed import __version__
+from testbed.data import DatasetError
+from testbed.pluginmanager import Host, PluginError, build_host
+from testbed.scenario import ScenarioError, load_scenario
+
+DATA_ROOT_ENV = "TESTBED_DATA_ROOT"
+USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="testbed", description=__doc__)
+    p.add_argument("--version", action="version", version=f"testbed {__version__}")
+    p.add_argument(
+        "-p",
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also load this plugin module (repeatable)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a scenario and write its report folder")
+    run.add_argument("scenario", type=Path)
+    run.add_argument("--out", type=Path, help="run folder (default reports/<name>-<time>/)")
+    run.add_argument("--seed", type=int, help="override scenario.seed")
+    run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override federation.device")
+    run.add_argument(
+        "--data-root", type=Path, help=f"folder holding the datasets (or ${DATA_ROOT_ENV})"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    val = sub.add_parser("validate", help="check scenario files; report every problem")
+    val.add_argument("scenarios", type=Path, nargs="+")
+
+    sub.add_parser("plugins", help="list plugins, versions, hooks and components")
+    return p
+
+
+def _fail(console: Console, message: str) -> int:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return USER_ERROR
+
+
+def cmd_validate(host: Host, files: list[Path], console: Console) -> int:
+    bad = 0
+    for f in files:
+        try:
+            load_scenario(f, host.registry)
+        except ScenarioError as exc:
+            bad += 1
+            for problem in exc.problems:
+                console.print(str(problem), highlight=False, soft_wrap=True)
+        else:
+            console.print(f"{f}: ok", highlight=False)
+    return USER_ERROR if bad else 0
+
+
+def cmd_plugins(host: Host, console: Console) -> int:
+    t = Table(title="testbed plugins")
+    for col in ("plugin", "distribution", "version", "hooks"):
+        t.add_column(col)
+    for info in host.plugins():
+        t.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks))
+    console.print(t)
+    c = Table(title="components")
+    for col in ("kind", "name", "plugin", "description"):
+        c.add_column(col)
+    for kind, kreg in host.registry.kinds.items():
+        for name in kreg.names():
+            comp = kreg.components[name]
+            c.add_row(kind, name, comp.plugin, comp.description)
+    console.print(c)
+    return 0
+
+
+def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
+    from testbed.report import render
+    from testbed.runner import RunError, run_scenario
+
+    scenario = load_scenario(args.scenario, host.registry)
+    updates: dict[str, object] = {}
+    if args.seed is not None:
+        updates["scenario"] = scenario.scenario.model_copy(update={"seed": args.seed})
+        updates["evaluation"] = scenario.evaluation.model_copy(update={"seeds": None})
+    if args.device is not None:
+        updates["federation"] = scenario.federation.model_copy(update={"device": args.device})
+    scenario = scenario.model_copy(update=updates)
+    root = args.data_root or (
+        Path(os.environ[DATA_ROOT_ENV]) if os.environ.get(DATA_ROOT_ENV) else None
+    )
+    try:
+        result = run_scenario(
+            scenario,
+            host,
+            data_root=root,
+            out=args.out,
+            console=console,
+            show_progress=not args.no_progress,
+        )
+    except RunError as exc:
+        return _fail(console, f"{args.scenario}: {exc}")
+    render(result.metrics, Console())
+    console.print(f"Report written to {result.run_dir}", highlight=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        host = build_host(extra_modules=args.plugin)
+        if args.command == "validate":
+            return cmd_validate(host, args.scenarios, Console())
+        if args.command == "plugins":
+            return cmd_plugins(host, Console())
+        return cmd_run(host, args, console)
+    except ScenarioError as exc:
+        for problem in exc.problems:
+            console.print(f"error: {problem}", highlight=False, soft_wrap=True)
+        return USER_ERROR
+    except (PluginError, DatasetError) as exc:
+        return _fail(console, str(exc))
+    except KeyboardInterrupt:
+        return _fail(console, "interrupted; no report written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

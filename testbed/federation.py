@@ -1,0 +1,211 @@
+"""The federated training steps as plain functions of explicit state.
+
+`client_step` and `server_step` take weights, the round context (which carries the seed
+every random choice derives from) and configuration, and return new state. Nothing is
+kept between calls, so another execution engine can drive the same steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from testbed.data import augment
+from testbed.scenario import Augment
+from testbed.state import (
+    Aggregate,
+    Broadcast,
+    ClientUpdate,
+    RoundContext,
+    derive_seed,
+    generator,
+)
+
+Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    augment: Augment
+
+
+@dataclass(frozen=True)
+class ClientData:
+    client_id: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+
+@dataclass
+class FederationState:
+    """Everything a federation needs to continue: the server's model, what each client
+    last received, and the number of finished rounds."""
+
+    round: int
+    global_weights: torch.Tensor
+    client_weights: dict[int, torch.Tensor]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def get_weights(model: nn.Module) -> torch.Tensor:
+    return parameters_to_vector(model.parameters()).detach().clone()
+
+
+@torch.no_grad()
+def set_weights(model: nn.Module, weights: torch.Tensor) -> None:
+    """Copy into the parameters' own storage (torch's vector_to_parameters would make them
+    views of `weights`, so training would silently overwrite the caller's tensor)."""
+    start = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.copy_(weights[start : start + n].view_as(p))
+        start += n
+    if start != weights.numel():
+        raise ValueError(f"weights have {weights.numel()} values, the model {start}")
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """Seed torch's global RNG (dropout draws from it) without leaking to the caller."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def sample_clients(seed: int, rnd: int, n_clients: int, m: int) -> tuple[int, ...]:
+    """m of N clients without replacement, fixed by seed and round."""
+    if m == n_clients:
+        return tuple(range(n_clients))
+    perm = torch.randperm(n_clients, generator=generator(seed, rnd, "sample"))
+    return tuple(sorted(perm[:m].tolist()))
+
+
+def client_step(
+    model: nn.Module,
+    received: torch.Tensor,
+    data: ClientData,
+    cfg: LocalConfig,
+    ctx: RoundContext,
+    hooks: Any,
+) -> ClientUpdate:
+    """Local SGD from the weights the client received; returns its (hooked) update."""
+    device = received.device
+    set_weights(model, received)
+    model.train()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    g = ctx.generator("local", data.client_id)
+    n = data.n_train
+    loss_sum, seen = torch.zeros((), device=device), 0
+    aug = cfg.augment
+    with seeded(derive_seed(ctx.seed, ctx.round, "dropout", data.client_id), device):
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=g).to(device)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                x = data.x_train[idx].float().div_(255)
+                x = augment(x, g, aug.hflip, aug.vflip, aug.rotate_degrees)
+                y = data.y_train[idx]
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(idx)
+                seen += len(idx)
+    delta = get_weights(model) - received
+    update = ClientUpdate(data.client_id, delta, n, float(loss_sum) / max(seen, 1))
+    hooks.testbed_client_update(ctx=ctx, update=update)
+    return update
+
+
+def server_step(
+    global_weights: torch.Tensor,
+    updates: Sequence[ClientUpdate],
+    aggregator: Aggregator,
+    ctx: RoundContext,
+    hooks: Any,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], Aggregate]:
+    """Aggregate the uploads, update the global model and build every client's download."""
+    updates = list(updates)
+    hooks.testbed_before_aggregation(ctx=ctx, updates=updates)
+    kept = [u for u in updates if u.dropped is None]
+    if kept:
+        stacked = torch.stack([u.delta for u in kept])
+        sizes = torch.tensor([float(u.n_train) for u in kept], device=stacked.device)
+        delta = aggregator(stacked, sizes)
+    else:
+        delta = torch.zeros_like(global_weights)
+    aggregate = Aggregate(delta, [u.client_id for u in kept])
+    hooks.testbed_after_aggregation(ctx=ctx, aggregate=aggregate)
+    new_global = global_weights + aggregate.delta
+    downloads = {}
+    for cid in range(ctx.n_clients):
+        b = Broadcast(cid, new_global.clone())
+        hooks.testbed_broadcast(ctx=ctx, broadcast=b)
+        downloads[cid] = b.weights
+    return new_global, downloads, aggregate
+
+
+def run_round(
+    state: FederationState,
+    model: nn.Module,
+    clients: Sequence[ClientData],
+    cfg: LocalConfig,
+    aggregator: Aggregator,
+    hooks: Any,
+    *,
+    seed: int,
+    rounds: int,
+    m: int,
+    on_client_done: Callable[[int], None] | None = None,
+) -> FederationState:
+    rnd = state.round + 1
+    sampled = sample_clients(seed, rnd, len(clients), m)
+    total = sum(clients[c].n_train for c in sampled)
+    ctx = RoundContext(
+        seed=seed,
+        round=rnd,
+        rounds=rounds,
+        n_clients=len(clients),
+        sampled=sampled,
+        weights={c: clients[c].n_train / total for c in sampled},
+    )
+    updates = []
+    for cid in sampled:
+        updates.append(client_step(model, state.client_weights[cid], clients[cid], cfg, ctx, hooks))
+        if on_client_done:
+            on_client_done(cid)
+    new_global, downloads, aggregate = server_step(
+        state.global_weights, updates, aggregator, ctx, hooks
+    )
+    record: dict[str, Any] = {
+        "round": rnd,
+        "sampled": list(sampled),
+        "included": aggregate.included,
+        "dropped": {str(u.client_id): u.dropped for u in updates if u.dropped},
+        "train_loss": {str(u.client_id): u.loss for u in updates},
+        "update_norm": {
+            str(u.client_id): u.info.get("norm_before_clip", float(u.delta.norm())) for u in updates
+        },
+    }
+    hooks.testbed_round_end(ctx=ctx, record=record)
+    return FederationState(rnd, new_global, downloads, [*state.history, record])

@@ -1,0 +1,123 @@
+"""The public plugin API of testbed: every hook a plugin can implement.
+
+Built-in components use exactly these hooks (see ``testbed/builtins``), through the
+same ``testbed`` entry-point group that third-party packages use. Hook names are
+prefixed ``testbed_``. Read top to bottom: registration first, then the federated
+lifecycle in the order the engine calls it.
+
+Lifecycle hooks receive mutable records (``ClientUpdate``, ``Aggregate``,
+``Broadcast``, ``InferenceBatch``) and act by changing them in place; they return
+nothing. Implementations run in reverse registration order, as in pluggy; the
+engine registers a scenario's defences so that the first one listed runs first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from testbed import hookspec
+
+if TYPE_CHECKING:
+    from testbed.registry import KindRegistry
+    from testbed.state import Aggregate, Broadcast, ClientUpdate, InferenceBatch, RoundContext
+
+# --------------------------------------------------------------------------------------
+# Registration: called once when the plugin manager is built. Each receives the
+# registry of one component kind; call ``registry.add(name, factory, params=Model)``.
+# ``Model`` is a pydantic model (extra="forbid") checked when a scenario is validated;
+# ``factory(params, **kw)`` builds the component for a run.
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def testbed_register_datasets(registry: KindRegistry) -> None:
+    """Register datasets. ``factory(params, data_root=Path | None) -> ImageDataset``."""
+
+
+@hookspec
+def testbed_register_partitioners(registry: KindRegistry) -> None:
+    """Register partitioners.
+
+    ``factory(params) -> fn(labels: Tensor, n_clients: int, generator) -> list[Tensor]``,
+    returning one index tensor per client; together disjoint and complete.
+    """
+
+
+@hookspec
+def testbed_register_models(registry: KindRegistry) -> None:
+    """Register models. ``factory(params, in_channels, image_size, num_classes, mean, std)``
+    returns an ``nn.Module`` taking pixels in [0, 1] (normalisation inside the model)."""
+
+
+@hookspec
+def testbed_register_aggregators(registry: KindRegistry) -> None:
+    """Register aggregators. ``factory(params) -> fn(updates: Tensor[k, d],
+    weights: Tensor[k]) -> Tensor[d]``; weights are training-set fractions summing to 1."""
+
+
+@hookspec
+def testbed_register_dp_mechanisms(registry: KindRegistry) -> None:
+    """Register differential-privacy mechanisms.
+
+    ``factory(params) -> object`` whose ``@hookimpl`` methods (any lifecycle hook below,
+    and ``testbed_privacy_spent``) are registered for the duration of a run.
+    """
+
+
+@hookspec
+def testbed_register_defences(registry: KindRegistry) -> None:
+    """Register defences. ``factory(params) -> object`` with ``@hookimpl`` methods for the
+    lifecycle hooks below; the object is registered for the duration of a run."""
+
+
+@hookspec
+def testbed_register_attacks(registry: KindRegistry) -> None:
+    """Register evasion attacks. ``factory(params, estimator) -> art EvasionAttack``, where
+    ``estimator`` is an ART ``PyTorchClassifier`` with clip_values (0, 1)."""
+
+
+# --------------------------------------------------------------------------------------
+# Federated lifecycle, in call order within one round.
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def testbed_client_update(ctx: RoundContext, update: ClientUpdate) -> None:
+    """On a client, after local training and before upload. ``update.delta`` (flat
+    tensor, new weights minus received weights) may be changed in place or replaced;
+    e.g. uplink clipping."""
+
+
+@hookspec
+def testbed_before_aggregation(ctx: RoundContext, updates: list[ClientUpdate]) -> None:
+    """On the server, once all sampled clients uploaded. Change ``update.delta`` or set
+    ``update.dropped = "reason"`` to exclude an update; e.g. norm bounds, filters."""
+
+
+@hookspec
+def testbed_after_aggregation(ctx: RoundContext, aggregate: Aggregate) -> None:
+    """On the server, after the aggregator combined the updates into
+    ``aggregate.delta``; e.g. central noise, privacy accounting."""
+
+
+@hookspec
+def testbed_broadcast(ctx: RoundContext, broadcast: Broadcast) -> None:
+    """On the server, once per client (every client, sampled or not), before sending it
+    the new model ``broadcast.weights``; e.g. per-client downlink noise."""
+
+
+@hookspec
+def testbed_round_end(ctx: RoundContext, record: dict[str, Any]) -> None:
+    """After a round; ``record`` is what the report keeps for it. Add keys to it."""
+
+
+@hookspec
+def testbed_inference_input(batch: InferenceBatch) -> None:
+    """Before a deployed client model classifies ``batch.x`` (pixels in [0, 1]), in
+    evaluation and when adversarial examples are scored; e.g. input transformations."""
+
+
+@hookspec
+def testbed_privacy_spent() -> dict[str, Any] | None:
+    """After training: the privacy this plugin's mechanism spent over all rounds so far,
+    as a dict with at least ``mechanism``, ``epsilon``, ``delta`` and ``accountant``."""

@@ -1,0 +1,128 @@
+"""Build the plugin manager and the component registry from installed plugins."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from testbed import PROJECT, hookspecs
+from testbed.registry import KINDS, Registry
+
+DISABLE_AUTOLOAD_ENV = "TESTBED_DISABLE_PLUGIN_AUTOLOAD"
+EXTRA_PLUGINS_ENV = "TESTBED_PLUGINS"
+
+
+class PluginError(Exception):
+    """A plugin failed to load or a hook implementation raised; names both."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    hooks: tuple[str, ...]
+
+
+@dataclass
+class Host:
+    pm: pluggy.PluginManager
+    registry: Registry
+    sources: dict[str, tuple[str, str]]
+    """Plugin name -> (distribution, version) for plugins loaded from entry points."""
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def plugins(self) -> list[PluginInfo]:
+        infos = []
+        for name, plugin in self.pm.list_name_plugin():
+            dist, ver = self.sources.get(name, ("(module)", ""))
+            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
+            infos.append(PluginInfo(name=name, distribution=dist, version=ver, hooks=hooks))
+        return sorted(infos, key=lambda i: (i.distribution != PROJECT, i.name))
+
+    @contextmanager
+    def active(self, objects: Iterable[object]) -> Iterator[None]:
+        """Register per-run plugin objects (defences, DP) so the first listed runs first."""
+        objs = list(objects)
+        for i, obj in enumerate(reversed(objs)):
+            self.pm.register(obj, name=f"run:{len(objs) - 1 - i}:{type(obj).__name__}")
+        try:
+            yield
+        finally:
+            for obj in objs:
+                self.pm.unregister(obj)
+
+
+def _load_entrypoints(pm: pluggy.PluginManager, builtins_only: bool) -> dict[str, tuple[str, str]]:
+    sources: dict[str, tuple[str, str]] = {}
+    for ep in entry_points(group=PROJECT):
+        dist = ep.dist.name if ep.dist else ""
+        if builtins_only and dist != PROJECT:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(f"plugin {ep.name!r} ({dist}) failed to load: {exc}") from exc
+        name = ep.name if dist == PROJECT else f"{dist}:{ep.name}"
+        pm.register(plugin, name=name)
+        sources[name] = (dist, ep.dist.version if ep.dist else "")
+    return sources
+
+
+def build_host(
+    extra_modules: Iterable[str] = (), autoload: bool | None = None, extra: Iterable[object] = ()
+) -> Host:
+    """Plugin manager with the hook specs, entry-point plugins and named modules.
+
+    Third-party entry points load unless ``autoload`` is False or the environment sets
+    TESTBED_DISABLE_PLUGIN_AUTOLOAD=1; built-ins always load. Modules named in
+    ``extra_modules`` or in TESTBED_PLUGINS (comma-separated) are imported and registered.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if autoload is None:
+        autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
+    sources = _load_entrypoints(pm, builtins_only=not autoload)
+    names = [*extra_modules, *filter(None, os.environ.get(EXTRA_PLUGINS_ENV, "").split(","))]
+    for modname in names:
+        modname = modname.strip()
+        if pm.has_plugin(modname):
+            continue
+        try:
+            module = importlib.import_module(modname)
+        except Exception as exc:
+            raise PluginError(f"plugin module {modname!r} failed to import: {exc}") from exc
+        pm.register(module, name=modname)
+    for obj in extra:
+        pm.register(obj)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
+    return Host(pm, collect_registry(pm), sources)
+
+
+def collect_registry(pm: pluggy.PluginManager) -> Registry:
+    registry = Registry()
+    for kind in KINDS:
+        caller = getattr(pm.hook, f"testbed_register_{kind}")
+        kreg = registry[kind]
+        for impl in caller.get_hookimpls():
+            kreg.current_plugin = impl.plugin_name
+            try:
+                impl.function(registry=kreg)
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in testbed_register_{kind}: {exc}"
+                ) from exc
+    return registry

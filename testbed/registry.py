@@ -1,0 +1,99 @@
+"""Named components that plugins register and scenarios refer to by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+KINDS = (
+    "datasets",
+    "partitioners",
+    "models",
+    "aggregators",
+    "dp_mechanisms",
+    "defences",
+    "attacks",
+)
+
+
+class Params(BaseModel):
+    """Base for every component's parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Params):
+    pass
+
+
+@dataclass(frozen=True)
+class Component:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    params: type[BaseModel]
+    plugin: str
+    description: str = ""
+
+
+class DuplicateComponentError(ValueError):
+    pass
+
+
+@dataclass
+class KindRegistry:
+    """Handed to a `testbed_register_<kind>` hook; plugins call `add`."""
+
+    kind: str
+    components: dict[str, Component] = field(default_factory=dict)
+    current_plugin: str = "?"
+
+    def add(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        params: type[BaseModel] = NoParams,
+        description: str = "",
+    ) -> None:
+        if name in self.components:
+            other = self.components[name].plugin
+            raise DuplicateComponentError(
+                f"{self.kind[:-1]} {name!r} registered twice (by {other} and {self.current_plugin})"
+            )
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise TypeError(
+                f"plugin {self.current_plugin}: params for {self.kind[:-1]} {name!r} "
+                "must be a pydantic model class"
+            )
+        self.components[name] = Component(
+            self.kind, name, factory, params, self.current_plugin, description
+        )
+
+    def get(self, name: str) -> Component:
+        try:
+            return self.components[name]
+        except KeyError:
+            known = ", ".join(sorted(self.components)) or "none"
+            raise KeyError(f"unknown {self.kind[:-1]} {name!r} (known: {known})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.components)
+
+
+@dataclass
+class Registry:
+    kinds: dict[str, KindRegistry] = field(
+        default_factory=lambda: {k: KindRegistry(k) for k in KINDS}
+    )
+
+    def __getitem__(self, kind: str) -> KindRegistry:
+        return self.kinds[kind]
+
+    def build(self, kind: str, name: str, params: BaseModel | dict[str, Any], **kw: Any) -> Any:
+        comp = self.kinds[kind].get(name)
+        if not isinstance(params, comp.params):
+            params = comp.params.model_validate(params)
+        return comp.factory(params, **kw)

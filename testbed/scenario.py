@@ -1,0 +1,333 @@
+"""Scenario files: TOML validated by pydantic, every problem reported at once.
+
+Validation runs in two passes over the same document: the fixed schema below, then each
+component's own params model looked up by name in the plugin registry. Both passes run
+even when the other fails, so `testbed validate` lists everything wrong with a file.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from testbed.registry import Registry
+
+SECTION_KINDS = {
+    "data": "datasets",
+    "partition": "partitioners",
+    "model": "models",
+    "aggregator": "aggregators",
+    "dp": "dp_mechanisms",
+    "defences": "defences",
+    "attacks": "attacks",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(Strict):
+    name: str = Field(description="Registered component name (see `testbed plugins`).")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="The component's own parameters."
+    )
+
+
+class Meta(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Used in the run folder name.")
+    description: str = ""
+    seed: int = Field(0, ge=0, description="Fixes every random choice of a run.")
+
+
+class Augment(Strict):
+    hflip: bool = True
+    vflip: bool = False
+    rotate_degrees: float = Field(0.0, ge=0, le=180)
+
+
+class Data(Component):
+    augment: Augment = Field(default_factory=Augment)
+
+
+class Task(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Task label in reports.")
+    data: Data
+
+
+class Partition(Component):
+    name: str = "noniid_chunks"
+    train_fraction: float = Field(0.62, gt=0, lt=1, description="Per-client train share.")
+
+
+class Model(Component):
+    name: str = "paper_cnn"
+
+
+class Aggregator(Component):
+    name: str = "fedavg"
+
+
+class Federation(Strict):
+    clients: int = Field(3, ge=1, description="N: clients in the federation.")
+    sampled: int | None = Field(None, ge=1, description="m: clients per round (None: all).")
+    rounds: int = Field(50, ge=1, description="T: communication rounds.")
+    local_epochs: int = Field(20, ge=1, description="E: local epochs per round.")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _sampled_le_clients(self) -> Federation:
+        if self.sampled is not None and self.sampled > self.clients:
+            raise ValueError(f"sampled ({self.sampled}) must not exceed clients ({self.clients})")
+        return self
+
+    @property
+    def m(self) -> int:
+        return self.sampled or self.clients
+
+
+class ThreatModel(Strict):
+    adversaries: Literal["rotate"] | list[int] = Field(
+        "rotate", description="'rotate': every client takes the adversary role in turn."
+    )
+    samples_per_adversary: int = Field(100, ge=1, description="Own test images attacked.")
+
+
+class Attack(Component):
+    label: str = Field("", description="Name in reports; default NAME or NAME-max_iter.")
+
+    @model_validator(mode="after")
+    def _default_label(self) -> Attack:
+        if not self.label:
+            steps = self.params.get("max_iter")
+            self.label = self.name.upper() + (f"-{steps}" if steps else "")
+        return self
+
+
+class Evaluation(Strict):
+    repeats: int = Field(1, ge=1, description="Independent runs (train + attack) per scenario.")
+    seeds: list[int] | None = Field(None, description="Seeds of the repeats; default seed+r.")
+
+    @model_validator(mode="after")
+    def _seeds_match(self) -> Evaluation:
+        if self.seeds is not None and len(self.seeds) != self.repeats:
+            if "repeats" in self.model_fields_set:
+                raise ValueError(f"{len(self.seeds)} seeds given for {self.repeats} repeats")
+            self.repeats = len(self.seeds)
+        return self
+
+
+class Report(Strict):
+    out_dir: str = Field("reports", description="Parent of run folders (relative to cwd).")
+    plots: bool = True
+    save_weights: bool = True
+
+
+class Scenario(Strict):
+    scenario: Meta
+    data: Data | None = Field(None, description="The dataset, for a single-task scenario.")
+    tasks: list[Task] = Field(
+        default_factory=list, description="Several datasets run with the same setup."
+    )
+    partition: Partition = Field(default_factory=Partition)
+    model: Model = Field(default_factory=Model)
+    federation: Federation = Field(default_factory=Federation)
+    aggregator: Aggregator = Field(default_factory=Aggregator)
+    dp: Component | None = None
+    defences: list[Component] = Field(default_factory=list)
+    threat_model: ThreatModel = Field(default_factory=ThreatModel)
+    attacks: list[Attack] = Field(default_factory=list)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    report: Report = Field(default_factory=Report)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Scenario:
+        if (self.data is None) == (not self.tasks):
+            raise ValueError("give either [data] or [[tasks]], not both or neither")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("task names must be unique")
+        adv = self.threat_model.adversaries
+        if isinstance(adv, list):
+            bad = [a for a in adv if not 0 <= a < self.federation.clients]
+            if bad:
+                raise ValueError(
+                    f"threat_model.adversaries {bad} out of range 0..{self.federation.clients - 1}"
+                )
+        labels = [a.label for a in self.attacks]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(
+                f"attack labels must be unique (set `label`); repeated: {', '.join(dupes)}"
+            )
+        return self
+
+    def task_list(self) -> list[Task]:
+        if self.data is not None:
+            return [Task(name=self.data.name, data=self.data)]
+        return list(self.tasks)
+
+    def seeds(self) -> list[int]:
+        ev = self.evaluation
+        return ev.seeds or [self.scenario.seed + r for r in range(ev.repeats)]
+
+    def components(self) -> list[tuple[str, str, Component]]:
+        """(dotted path, registry kind, spec) of every component in the scenario."""
+        out: list[tuple[str, str, Component]] = [
+            (f"tasks[{i}].data", "datasets", t.data) for i, t in enumerate(self.tasks)
+        ]
+        for section, kind in SECTION_KINDS.items():
+            value = getattr(self, section)
+            if isinstance(value, list):
+                out += [(f"{section}[{i}]", kind, c) for i, c in enumerate(value)]
+            elif value is not None:
+                out.append((section, kind, value))
+        return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.file}: {self.where}: {self.message}"
+            if self.where
+            else (f"{self.file}: {self.message}")
+        )
+
+
+class ScenarioError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_problems(file: str, exc: ValidationError, prefix: str = "") -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        where = _dotted(loc)
+        if prefix:
+            where = f"{prefix}.{where}" if where else prefix
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(Problem(file, where, msg))
+    return problems
+
+
+def _raw_components(doc: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    out: list[tuple[str, str, Any]] = []
+    tasks = doc.get("tasks")
+    if isinstance(tasks, list):
+        out += [
+            (f"tasks[{i}].data", "datasets", t.get("data"))
+            for i, t in enumerate(tasks)
+            if isinstance(t, dict)
+        ]
+    for section, kind in SECTION_KINDS.items():
+        value = doc.get(section)
+        if isinstance(value, list):
+            out += [(f"{section}[{i}]", kind, v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            out.append((section, kind, value))
+    return out
+
+
+_DEFAULT_NAMES = {"partition": "noniid_chunks", "model": "paper_cnn", "aggregator": "fedavg"}
+
+
+def _fill_component_defaults(doc: dict[str, Any]) -> None:
+    for section, name in _DEFAULT_NAMES.items():
+        doc.setdefault(section, {})
+        if isinstance(doc[section], dict):
+            doc[section].setdefault("name", name)
+
+
+def _check_components(file: str, doc: dict[str, Any], registry: Registry) -> list[Problem]:
+    problems = []
+    for where, kind, raw in _raw_components(doc):
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            continue  # the schema pass reports the shape problem
+        kreg = registry[kind]
+        name = raw["name"]
+        if name not in kreg.components:
+            known = ", ".join(kreg.names()) or "none installed"
+            problems.append(
+                Problem(file, f"{where}.name", f"unknown {kind[:-1]} {name!r} (known: {known})")
+            )
+            continue
+        params = raw.get("params", {})
+        if not isinstance(params, dict):
+            continue
+        try:
+            resolved = kreg.components[name].params.model_validate(params)
+        except ValidationError as exc:
+            problems += _pydantic_problems(file, exc, prefix=f"{where}.params")
+        else:
+            raw["params"] = resolved.model_dump(mode="json")
+    return problems
+
+
+def parse_document(path: Path) -> dict[str, Any]:
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError([Problem(file, "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError([Problem(file, "", f"cannot read: {exc}")]) from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError([Problem(file, "", f"TOML syntax error: {exc}")]) from None
+    except json.JSONDecodeError as exc:
+        raise ScenarioError(
+            [Problem(file, f"line {exc.lineno}", f"JSON syntax error: {exc.msg}")]
+        ) from None
+    if not isinstance(doc, dict):
+        raise ScenarioError([Problem(file, "", "top level must be a table")])
+    return doc
+
+
+def validate_document(doc: dict[str, Any], registry: Registry, file: str) -> Scenario:
+    doc = json.loads(json.dumps(doc))  # a private copy; the component pass fills in params
+    _fill_component_defaults(doc)
+    problems = _check_components(file, doc, registry)
+    try:
+        scenario = Scenario.model_validate(doc)
+    except ValidationError as exc:
+        problems = _pydantic_problems(file, exc) + problems
+        scenario = None
+    if problems or scenario is None:
+        raise ScenarioError(problems)
+    return scenario
+
+
+def load_scenario(path: Path | str, registry: Registry) -> Scenario:
+    path = Path(path)
+    return validate_document(parse_document(path), registry, str(path))
+
+
+def resolved_dict(scenario: Scenario) -> dict[str, Any]:
+    """The scenario with every default filled in, as written to the run folder."""
+    return scenario.model_dump(mode="json")

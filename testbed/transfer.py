@@ -1,0 +1,137 @@
+"""After training: clean accuracy, then transfer attacks crafted by ART and scored everywhere."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from art.estimators.classification import PyTorchClassifier
+from torch import nn
+
+from testbed.federation import ClientData, seeded
+from testbed.metrics import accuracy, attack_success_rate, error_transfer_rate, transfer_summary
+from testbed.registry import Registry
+from testbed.scenario import Attack
+from testbed.state import InferenceBatch, derive_seed, generator
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A client's final model, frozen for inference: attacks need input gradients only,
+    and frozen parameters spare ART's loss_gradient the weight gradients (BASELINES.md)."""
+
+    client_id: int
+    model: nn.Module
+
+
+def deploy(models: Sequence[nn.Module]) -> list[Deployed]:
+    out = []
+    for cid, m in enumerate(models):
+        m.eval()
+        m.requires_grad_(False)
+        out.append(Deployed(cid, m))
+    return out
+
+
+@torch.no_grad()
+def predict(d: Deployed, x: torch.Tensor, hooks: Any, batch_size: int = 256) -> torch.Tensor:
+    preds = []
+    for start in range(0, x.shape[0], batch_size):
+        batch = InferenceBatch(d.client_id, x[start : start + batch_size])
+        hooks.testbed_inference_input(batch=batch)
+        preds.append(d.model(batch.x).argmax(1))
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+@contextmanager
+def numpy_seeded(seed: int):
+    """ART draws random starts from numpy's global RNG; seed it, then restore it."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def attack_pool(data: ClientData, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adversary's n attacked images: a seeded draw from its own test split."""
+    g = generator(seed, "attack-pool", data.client_id)
+    order = torch.randperm(data.y_test.shape[0], generator=g)
+    idx = order[:n].to(data.y_test.device)
+    return data.x_test[idx].float().div(255), data.y_test[idx]
+
+
+def evaluate_transfer(
+    deployed: Sequence[Deployed],
+    clients: Sequence[ClientData],
+    attacks: Sequence[Attack],
+    adversaries: Sequence[int],
+    registry: Registry,
+    hooks: Any,
+    *,
+    seed: int,
+    samples: int,
+    num_classes: int,
+    device: torch.device,
+    on_attack_done: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    acc = {}
+    for d in deployed:
+        test = clients[d.client_id]
+        acc[str(d.client_id)] = accuracy(
+            predict(d, test.x_test.float().div(255), hooks), test.y_test
+        )
+    results: dict[str, Any] = {}
+    for spec in attacks:
+        asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
+        for a in adversaries:
+            x, y = attack_pool(clients[a], samples, seed)
+            counts.append(int(y.shape[0]))
+            clean = [predict(d, x, hooks) for d in deployed]
+            model = deployed[a].model
+            estimator = PyTorchClassifier(
+                model,
+                loss=nn.CrossEntropyLoss(),
+                input_shape=tuple(x.shape[1:]),
+                nb_classes=num_classes,
+                clip_values=(0.0, 1.0),
+                device_type="gpu" if device.type == "cuda" else "cpu",
+            )
+            attack = registry.build("attacks", spec.name, spec.params, estimator=estimator)
+            x_np = x.cpu().numpy()
+            # Label the attack with the adversary's own predictions: the untargeted goal
+            # is to change them (the ASR definition), and ART skips a forward pass.
+            y_np = np.eye(num_classes, dtype=np.float32)[clean[a].cpu().numpy()]
+            s = derive_seed(seed, "attack", spec.label, a)
+            with numpy_seeded(s), seeded(s, device):
+                t0 = time.perf_counter()
+                x_adv_np = attack.generate(x=x_np, y=y_np)
+                batches = math.ceil(len(x_np) / spec.params.get("batch_size", len(x_np)))
+                costs.append((time.perf_counter() - t0) / batches)
+            x_adv = torch.from_numpy(x_adv_np).to(device)
+            linf = max(linf, float((x_adv - x).abs().max()))
+            adv = [predict(d, x_adv, hooks) for d in deployed]
+            asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
+            for t in range(len(deployed)):
+                etr[(a, t)] = error_transfer_rate(adv[a], adv[t], y)[0]
+            if on_attack_done:
+                on_attack_done()
+        results[spec.label] = {
+            "attack": spec.name,
+            "params": spec.params,
+            "adversaries": list(adversaries),
+            "samples": counts,
+            "asr": asr_rows,
+            "etr": {f"{a}->{t}": v for (a, t), v in etr.items()},
+            **transfer_summary(asr_rows, etr, adversaries),
+            "linf_max": linf,
+            "cost_s": costs,
+        }
+    return {"acc": acc, "acc_mean": sum(acc.values()) / len(acc), "attacks": results}

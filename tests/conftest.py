@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests see only the built-in plugins unless a test registers more.
+os.environ.setdefault("TESTBED_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real datasets. Mandatory in CI (CI=true): missing data fails there, skips elsewhere."""
+    root = os.environ.get("TESTBED_DATA_ROOT")
+    if root and Path(root).is_dir():
+        return Path(root)
+    msg = f"real datasets not found (TESTBED_DATA_ROOT={root!r})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg + ": they are mandatory in CI")
+    pytest.skip(msg)

@@ -1,0 +1,48 @@
+import math
+
+import torch
+
+from testbed.metrics import (
+    accuracy,
+    attack_success_rate,
+    error_transfer_rate,
+    mean_std,
+    transfer_summary,
+)
+
+
+def test_accuracy_and_asr_on_constructed_predictions():
+    y = torch.tensor([0, 1, 1, 0])
+    clean = torch.tensor([0, 1, 0, 0])
+    adv = torch.tensor([1, 1, 1, 0])
+    assert accuracy(clean, y) == 0.75
+    # ASR compares the model's own labels before and after: items 0 and 2 changed.
+    assert attack_success_rate(clean, adv) == 0.5
+
+
+def test_error_transfer_rate_conditions_on_source_errors():
+    y = torch.tensor([0, 0, 1, 1])
+    src = torch.tensor([1, 1, 1, 0])  # wrong on 0, 1, 3
+    tgt = torch.tensor([1, 0, 0, 0])  # of those, wrong on 0 and 3
+    rate, n = error_transfer_rate(src, tgt, y)
+    assert n == 3
+    assert math.isclose(rate, 2 / 3, rel_tol=1e-6)
+    rate, n = error_transfer_rate(y, tgt, y)  # source never wrong
+    assert n == 0 and math.isnan(rate)
+
+
+def test_transfer_summary_splits_own_and_benign():
+    asr = [[0.9, 0.3, 0.5], [0.2, 0.8, 0.4]]  # adversaries 0 and 1, three targets
+    etr = {(0, 0): 1.0, (0, 1): 0.5, (0, 2): math.nan, (1, 0): 0.25, (1, 1): 1.0, (1, 2): 0.75}
+    s = transfer_summary(asr, etr, [0, 1])
+    assert math.isclose(s["aasr"], 3.1 / 6)
+    assert math.isclose(s["aasr_own"], 0.85)
+    assert math.isclose(s["aasr_benign"], (0.3 + 0.5 + 0.2 + 0.4) / 4)
+    assert math.isclose(s["aetr"], (0.5 + 0.25 + 0.75) / 3)  # NaN pair and own pairs left out
+    assert s["aetr_pairs"] == 3
+
+
+def test_mean_std_sample_std_and_single_value():
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
+    assert mean_std([5.0])["std"] == 0.0
+    assert mean_std([math.nan])["n"] == 0

@@ -1,0 +1,130 @@
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from testbed.cli import main
+from testbed.pluginmanager import build_host
+from testbed.scenario import ScenarioError, load_scenario
+
+SCENARIOS = sorted((REPO / "scenarios").rglob("*.toml"))
+
+MINIMAL = """
+[scenario]
+name = "t"
+[data]
+name = "synthetic"
+"""
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return build_host(autoload=False).registry
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    return p
+
+
+def problems(tmp_path: Path, text: str, registry) -> list[str]:
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(write(tmp_path, text), registry)
+    return [str(p) for p in exc.value.problems]
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
+def test_every_shipped_scenario_validates(path, registry):
+    scenario = load_scenario(path, registry)
+    assert scenario.scenario.name
+
+
+def test_minimal_scenario_gets_defaults(tmp_path, registry):
+    s = load_scenario(write(tmp_path, MINIMAL), registry)
+    assert s.partition.name == "noniid_chunks"
+    assert s.aggregator.name == "fedavg"
+    assert s.federation.rounds == 50 and s.federation.m == 3
+    # component params are resolved with the component's own defaults filled in
+    assert s.model.params["dropout"] == 0.25
+    assert s.seeds() == [0]
+
+
+def test_toml_syntax_error_names_file_and_line(tmp_path, registry):
+    (msg,) = problems(tmp_path, MINIMAL + "\n[federation\nrounds = 3\n", registry)
+    assert "s.toml" in msg and "TOML syntax error" in msg and "line 7" in msg
+
+
+def test_all_problems_reported_at_once_with_dotted_paths(tmp_path, registry):
+    text = (
+        MINIMAL
+        + """
+colour = "blue"
+[federation]
+clients = 3
+sampled = 4
+rounds = "ten"
+[aggregator]
+name = "fedavgg"
+[[attacks]]
+name = "pgd"
+params = { eps = -0.1, eps_step = 0.01, max_iter = 10, bogus = 1 }
+"""
+    )
+    msgs = problems(tmp_path, text, registry)
+    joined = "\n".join(msgs)
+    assert "colour: unknown key" in joined
+    assert "federation.rounds:" in joined
+    assert "aggregator.name: unknown aggregator 'fedavgg' (known: fedavg" in joined
+    assert "attacks[0].params.eps:" in joined
+    assert "attacks[0].params.bogus: unknown key" in joined
+    assert all(m.startswith(str(tmp_path / "s.toml")) for m in msgs)
+    assert len(msgs) >= 5
+
+
+def test_cross_field_rules(tmp_path, registry):
+    text = MINIMAL + "[federation]\nclients = 2\nsampled = 3\n"
+    (msg,) = problems(tmp_path, text, registry)
+    assert "federation" in msg and "sampled (3) must not exceed clients (2)" in msg
+    text = MINIMAL + "[threat_model]\nadversaries = [0, 5]\n"
+    (msg,) = problems(tmp_path, text, registry)
+    assert "out of range" in msg
+
+
+def test_duplicate_attack_labels_rejected(tmp_path, registry):
+    text = (
+        MINIMAL
+        + """
+[[attacks]]
+name = "fgsm"
+params = { eps = 0.03 }
+[[attacks]]
+name = "fgsm"
+params = { eps = 0.05 }
+"""
+    )
+    (msg,) = problems(tmp_path, text, registry)
+    assert "attack labels must be unique" in msg and "FGSM" in msg
+
+
+def test_data_or_tasks_required(tmp_path, registry):
+    (msg,) = problems(tmp_path, '[scenario]\nname = "t"\n', registry)
+    assert "either [data] or [[tasks]]" in msg
+
+
+def test_validate_cli_exit_codes_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = write(tmp_path, MINIMAL)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL + "[federation]\nclients = 0\n")
+    assert main(["validate", str(good)]) == 0
+    assert main(["validate", str(good), str(bad)]) == 2
+    err = capsys.readouterr()
+    assert "bad.toml: federation.clients:" in err.out + err.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "s.toml"]
+
+
+def test_missing_file_is_a_user_error(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr()
+    assert "file not found" in err.out + err.err
