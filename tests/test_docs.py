@@ -15,3 +15,12 @@ def test_every_hook_is_in_the_plugin_guide():
     assert len(hooks) >= 14
     missing = [h for h in hooks if f"`{h}" not in guide]
     assert not missing, f"undocumented hooks: {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    (command,) = [
+        line.strip() for line in readme.splitlines() if line.strip().endswith("python -m pytest")
+    ]
+    assert command in ci.splitlines()
