@@ -33,8 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario and write its report folder")
-    run.add_argument("scenario", type=Path)
+    run.add_argument("scenario", type=Path, nargs="?", help="scenario file (TOML or JSON)")
     run.add_argument("--out", type=Path, help="run folder (default reports/<name>-<time>/)")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint",
+    )
     run.add_argument("--seed", type=int, help="override scenario.seed")
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override federation.device")
     run.add_argument(
@@ -86,32 +92,63 @@ def cmd_plugins(host: Host, console: Console) -> int:
     return 0
 
 
+def _data_root(args: argparse.Namespace) -> Path | None:
+    if args.data_root:
+        return args.data_root
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env) if env else None
+
+
 def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
     from testbed.report import render
-    from testbed.runner import RunError, run_scenario
+    from testbed.runner import RunError, final_dir_of, partial_dir, run_scenario
 
-    scenario = load_scenario(args.scenario, host.registry)
+    if args.resume is not None:
+        if args.scenario is not None or args.out is not None:
+            return _fail(console, "--resume takes the run folder only, not a scenario or --out")
+        out = final_dir_of(args.resume)
+        source = partial_dir(out) / "scenario.json"
+        if not source.exists():
+            return _fail(console, f"nothing to resume at {args.resume}")
+    elif args.scenario is None:
+        return _fail(console, "give a scenario file, or --resume RUN_DIR")
+    else:
+        out, source = args.out, args.scenario
+    scenario = load_scenario(source, host.registry)
     updates: dict[str, object] = {}
     if args.seed is not None:
         updates["scenario"] = scenario.scenario.model_copy(update={"seed": args.seed})
         updates["evaluation"] = scenario.evaluation.model_copy(update={"seeds": None})
     if args.device is not None:
         updates["federation"] = scenario.federation.model_copy(update={"device": args.device})
+    if updates and args.resume is not None:
+        return _fail(console, "--resume continues with the run's own seed and device")
     scenario = scenario.model_copy(update=updates)
-    root = args.data_root or (
-        Path(os.environ[DATA_ROOT_ENV]) if os.environ.get(DATA_ROOT_ENV) else None
-    )
+    started: list[Path] = []
+
+    def on_start(run_dir: Path) -> None:
+        started.append(run_dir)
+        console.print(
+            f"Run folder: {run_dir} (complete when metrics.json is there)", highlight=False
+        )
+
     try:
         result = run_scenario(
             scenario,
             host,
-            data_root=root,
-            out=args.out,
+            data_root=_data_root(args),
+            out=out,
+            resume=args.resume is not None,
             console=console,
             show_progress=not args.no_progress,
+            on_start=on_start,
         )
     except RunError as exc:
-        return _fail(console, f"{args.scenario}: {exc}")
+        return _fail(console, f"{source}: {exc}")
+    except KeyboardInterrupt:
+        if started and partial_dir(started[0]).exists():
+            return _fail(console, f"interrupted; continue with `testbed run --resume {started[0]}`")
+        return _fail(console, "interrupted; nothing written")
     render(result.metrics, Console())
     console.print(f"Report written to {result.run_dir}", highlight=False)
     return 0
@@ -134,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PluginError, DatasetError) as exc:
         return _fail(console, str(exc))
     except KeyboardInterrupt:
-        return _fail(console, "interrupted; no report written")
+        return _fail(console, "interrupted")
 
 
 if __name__ == "__main__":

@@ -137,24 +137,79 @@ def client_step(
     return update
 
 
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """What the server does with an upload it cannot trust. Non-finite values and wrong
+    shapes are always dropped; an update whose norm exceeds ``max_norm`` is dropped or
+    clipped to ``max_norm`` (``on_excess_norm``)."""
+
+    max_norm: float = 1e4
+    on_excess_norm: str = "drop"
+
+
+def screen_updates(
+    updates: Sequence[ClientUpdate], expected: torch.Tensor, policy: UpdatePolicy
+) -> list[dict[str, Any]]:
+    """Mark broken or hostile uploads before any hook or aggregator sees them; returns
+    one event per finding, for the report."""
+    events = []
+    for u in updates:
+        delta = u.delta
+        if not isinstance(delta, torch.Tensor) or delta.shape != expected.shape:
+            shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+            kind, detail, action = (
+                "shape",
+                f"shape {shape}, expected {tuple(expected.shape)}",
+                "dropped",
+            )
+        elif not bool(torch.isfinite(delta).all()):
+            kind = "nan" if bool(torch.isnan(delta).any()) else "inf"
+            detail, action = f"{int((~torch.isfinite(delta)).sum())} non-finite values", "dropped"
+        else:
+            norm = float(torch.linalg.vector_norm(delta))
+            if norm <= policy.max_norm:
+                continue
+            kind, detail = "norm", f"norm {norm:.3g} > {policy.max_norm:g}"
+            if policy.on_excess_norm == "clip":
+                u.delta = delta * (policy.max_norm / norm)
+                action = "clipped"
+            else:
+                action = "dropped"
+        if action == "dropped":
+            u.dropped = f"{kind}: {detail}"
+        events.append({"client": u.client_id, "kind": kind, "detail": detail, "action": action})
+    return events
+
+
+def _server_event(kind: str, detail: str) -> dict[str, Any]:
+    return {"client": None, "kind": kind, "detail": detail, "action": "global model unchanged"}
+
+
 def server_step(
     global_weights: torch.Tensor,
     updates: Sequence[ClientUpdate],
     aggregator: Aggregator,
     ctx: RoundContext,
     hooks: Any,
+    policy: UpdatePolicy = UpdatePolicy(),
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], Aggregate]:
-    """Aggregate the uploads, update the global model and build every client's download."""
+    """Screen and aggregate the uploads, update the global model and build every client's
+    download."""
     updates = list(updates)
+    events = screen_updates(updates, global_weights, policy)
     hooks.testbed_before_aggregation(ctx=ctx, updates=updates)
     kept = [u for u in updates if u.dropped is None]
-    if kept:
+    delta = torch.zeros_like(global_weights)
+    if not kept:
+        events.append(_server_event("empty", "no update left to aggregate"))
+    else:
         stacked = torch.stack([u.delta for u in kept])
         sizes = torch.tensor([float(u.n_train) for u in kept], device=stacked.device)
-        delta = aggregator(stacked, sizes)
-    else:
-        delta = torch.zeros_like(global_weights)
-    aggregate = Aggregate(delta, [u.client_id for u in kept])
+        try:
+            delta = aggregator(stacked, sizes)
+        except ValueError as exc:  # e.g. Krum after drops left too few updates
+            events.append(_server_event("aggregator", str(exc)))
+    aggregate = Aggregate(delta, [u.client_id for u in kept], events)
     hooks.testbed_after_aggregation(ctx=ctx, aggregate=aggregate)
     new_global = global_weights + aggregate.delta
     downloads = {}
@@ -163,6 +218,10 @@ def server_step(
         hooks.testbed_broadcast(ctx=ctx, broadcast=b)
         downloads[cid] = b.weights
     return new_global, downloads, aggregate
+
+
+def _norm(delta: object) -> float | None:
+    return float(torch.linalg.vector_norm(delta)) if isinstance(delta, torch.Tensor) else None
 
 
 def run_round(
@@ -176,6 +235,7 @@ def run_round(
     seed: int,
     rounds: int,
     m: int,
+    policy: UpdatePolicy = UpdatePolicy(),
     on_client_done: Callable[[int], None] | None = None,
 ) -> FederationState:
     rnd = state.round + 1
@@ -195,13 +255,14 @@ def run_round(
         if on_client_done:
             on_client_done(cid)
     new_global, downloads, aggregate = server_step(
-        state.global_weights, updates, aggregator, ctx, hooks
+        state.global_weights, updates, aggregator, ctx, hooks, policy
     )
     record: dict[str, Any] = {
         "round": rnd,
         "sampled": list(sampled),
         "included": aggregate.included,
         "dropped": {str(u.client_id): u.dropped for u in updates if u.dropped},
+        "events": aggregate.events,
         "train_loss": {str(u.client_id): u.loss for u in updates},
         "update_norm": {
             str(u.client_id): u.info.get("norm_before_clip", float(u.delta.norm())) for u in updates

@@ -40,7 +40,9 @@ class Host:
 
     @property
     def hook(self) -> Any:
-        return self.pm.hook
+        """Hook caller for the engine: an exception inside a plugin's hook becomes a
+        PluginError naming the plugin and the hook."""
+        return _NamingHooks(self.pm)
 
     def plugins(self) -> list[PluginInfo]:
         infos = []
@@ -54,13 +56,55 @@ class Host:
     def active(self, objects: Iterable[object]) -> Iterator[None]:
         """Register per-run plugin objects (defences, DP) so the first listed runs first."""
         objs = list(objects)
-        for i, obj in enumerate(reversed(objs)):
-            self.pm.register(obj, name=f"run:{len(objs) - 1 - i}:{type(obj).__name__}")
         try:
+            for i, obj in enumerate(reversed(objs)):
+                _register(
+                    self.pm, obj, f"{type(obj).__module__}.{type(obj).__name__}#{len(objs) - 1 - i}"
+                )
+            try:
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
             yield
         finally:
             for obj in objs:
-                self.pm.unregister(obj)
+                if self.pm.is_registered(obj):
+                    self.pm.unregister(obj)
+
+
+class _NamingHooks:
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+
+    def __getattr__(self, name: str) -> Any:
+        caller = getattr(self._pm.hook, name)
+
+        def call(**kwargs: Any) -> Any:
+            try:
+                return caller(**kwargs)
+            except PluginError:
+                raise
+            except Exception as exc:
+                plugin = _culprit(caller, exc)
+                raise PluginError(
+                    f"plugin {plugin!r} failed in {name}: {type(exc).__name__}: {exc}"
+                ) from exc
+
+        return call
+
+
+def _culprit(caller: Any, exc: BaseException) -> str:
+    """The plugin whose hook implementation is on the exception's traceback."""
+    codes = set()
+    tb = exc.__traceback__
+    while tb is not None:
+        codes.add(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    for impl in caller.get_hookimpls():
+        func = getattr(impl.function, "__func__", impl.function)
+        if getattr(func, "__code__", None) in codes:
+            return impl.plugin_name
+    return "?"
 
 
 def _load_entrypoints(pm: pluggy.PluginManager, builtins_only: bool) -> dict[str, tuple[str, str]]:
@@ -74,9 +118,19 @@ def _load_entrypoints(pm: pluggy.PluginManager, builtins_only: bool) -> dict[str
         except Exception as exc:
             raise PluginError(f"plugin {ep.name!r} ({dist}) failed to load: {exc}") from exc
         name = ep.name if dist == PROJECT else f"{dist}:{ep.name}"
-        pm.register(plugin, name=name)
+        _register(pm, plugin, name)
         sources[name] = (dist, ep.dist.version if ep.dist else "")
     return sources
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> None:
+    """Register, turning pluggy's signature checks into one-line errors."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
+    except ValueError as exc:  # a name registered twice
+        raise PluginError(f"plugin {name!r}: {exc}") from exc
 
 
 def build_host(
@@ -102,9 +156,9 @@ def build_host(
             module = importlib.import_module(modname)
         except Exception as exc:
             raise PluginError(f"plugin module {modname!r} failed to import: {exc}") from exc
-        pm.register(module, name=modname)
+        _register(pm, module, modname)
     for obj in extra:
-        pm.register(obj)
+        _register(pm, obj, None)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

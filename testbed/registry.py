@@ -37,6 +37,9 @@ class Component:
     params: type[BaseModel]
     plugin: str
     description: str = ""
+    check: Callable[[Any, Any], list[str]] | None = None
+    """Optional ``check(params, scenario) -> problems``: rules that need the rest of the
+    scenario (e.g. Krum's n > 2f + 2 needs the number of sampled clients)."""
 
 
 class DuplicateComponentError(ValueError):
@@ -57,6 +60,7 @@ class KindRegistry:
         factory: Callable[..., Any],
         params: type[BaseModel] = NoParams,
         description: str = "",
+        check: Callable[[Any, Any], list[str]] | None = None,
     ) -> None:
         if name in self.components:
             other = self.components[name].plugin
@@ -69,7 +73,7 @@ class KindRegistry:
                 "must be a pydantic model class"
             )
         self.components[name] = Component(
-            self.kind, name, factory, params, self.current_plugin, description
+            self.kind, name, factory, params, self.current_plugin, description, check
         )
 
     def get(self, name: str) -> Component:

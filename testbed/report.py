@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -9,7 +10,7 @@ from rich.table import Table
 
 
 def _pct(stat: dict[str, float] | None) -> str:
-    if not stat or stat.get("mean") is None:
+    if not stat or stat.get("mean") is None or math.isnan(stat["mean"]):
         return "n/a"
     s = f"{100 * stat['mean']:.2f}%"
     return s + (f" ± {100 * stat['std']:.2f}" if stat.get("n", 1) > 1 else "")

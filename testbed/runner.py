@@ -1,4 +1,11 @@
-"""Run a scenario: for each seed, train the federation, then attack; write the run folder."""
+"""Run a scenario: per task and seed, train the federation, then attack; write the run folder.
+
+The folder is built under a hidden name (`.NAME.partial`) and renamed when complete, so a
+finished report is never half-written. Every round, every finished attack and every
+finished seed is checkpointed there with atomic writes; `--resume` continues an
+interrupted run from the last checkpoint and, because every random draw derives from
+(seed, round, purpose), finishes with the same metrics as an uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,8 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +29,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -34,6 +42,7 @@ from testbed.federation import (
     ClientData,
     FederationState,
     LocalConfig,
+    UpdatePolicy,
     get_weights,
     run_round,
     seeded,
@@ -43,7 +52,7 @@ from testbed.metrics import mean_std
 from testbed.pluginmanager import Host
 from testbed.scenario import Scenario, Task, resolved_dict
 from testbed.state import derive_seed, generator
-from testbed.transfer import deploy, evaluate_transfer
+from testbed.transfer import clean_accuracy, deploy, run_attack
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("testbed")
@@ -51,7 +60,7 @@ log.propagate = False  # ART configures the root logger; our log goes to run.log
 
 
 class RunError(Exception):
-    """A run cannot proceed because of its input (data, device); one line for the user."""
+    """A run cannot proceed because of its input (data, device, folder); one line."""
 
 
 def resolve_device(pref: str) -> torch.device:
@@ -60,6 +69,107 @@ def resolve_device(pref: str) -> torch.device:
     if pref == "cuda" and not torch.cuda.is_available():
         raise RunError("device 'cuda' requested but no CUDA device is available")
     return torch.device(pref)
+
+
+# --------------------------------------------------------------------------------------
+# Files: atomic writes and checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def _json_safe(obj: Any) -> Any:
+    """Strict JSON: NaN (an undefined rate) becomes null, infinity the string "inf"."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else ("inf" if math.isinf(obj) else obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    root: Path
+
+    def _dir(self, task: str) -> Path:
+        d = self.root / task
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def save_training(self, task: str, seed: int, payload: dict[str, Any]) -> None:
+        _torch_save_atomic(payload, self._dir(task) / f"seed{seed}.train.pt")
+
+    def load_training(self, task: str, seed: int) -> dict[str, Any] | None:
+        path = self.root / task / f"seed{seed}.train.pt"
+        # weights_only: a checkpoint is data, never code
+        return torch.load(path, weights_only=True) if path.exists() else None
+
+    def save_json(self, task: str, seed: int, kind: str, obj: Any) -> None:
+        write_json(self._dir(task) / f"seed{seed}.{kind}.json", obj)
+
+    def load_json(self, task: str, seed: int, kind: str) -> Any:
+        path = self.root / task / f"seed{seed}.{kind}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def any(self) -> bool:
+        return self.root.is_dir() and any(self.root.rglob("*.pt"))
+
+
+def partial_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial"
+
+
+def final_dir_of(path: Path) -> Path:
+    """Accept either a run folder or its hidden partial folder."""
+    name = path.name
+    if name.startswith(".") and name.endswith(".partial"):
+        return path.parent / name[1 : -len(".partial")]
+    return path
+
+
+@contextmanager
+def staged_run_dir(final: Path, resume: bool) -> Iterator[Path]:
+    """Yield the partial folder; rename it to `final` only when the run completes. On a
+    failure before the first checkpoint the folder is removed (nothing to resume);
+    after that it stays, for `--resume`."""
+    staging = partial_dir(final)
+    if final.exists():
+        raise RunError(f"run folder {final} already exists" + (" (complete)" if resume else ""))
+    if resume:
+        if not staging.is_dir():
+            raise RunError(f"nothing to resume: {staging} does not exist")
+    else:
+        if staging.exists():
+            raise RunError(
+                f"an interrupted run is in {staging}: resume it with "
+                f"`testbed run --resume {final}` or delete it"
+            )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        if not Checkpoints(staging / "checkpoint").any():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.replace(staging, final)
+
+
+# --------------------------------------------------------------------------------------
+# One task and seed
+# --------------------------------------------------------------------------------------
 
 
 def make_clients(
@@ -77,15 +187,8 @@ def make_clients(
                 f"client {cid} got {len(tr)} training and {len(te)} test images; "
                 "use fewer clients or more data"
             )
-        clients.append(
-            ClientData(
-                cid,
-                ds.x[tr].to(device),
-                ds.y[tr].to(device),
-                ds.x[te].to(device),
-                ds.y[te].to(device),
-            )
-        )
+        on = [t.to(device) for t in (ds.x[tr], ds.y[tr], ds.x[te], ds.y[te])]
+        clients.append(ClientData(cid, *on))
     return clients
 
 
@@ -105,17 +208,32 @@ def build_model(scenario: Scenario, host: Host, ds: ImageDataset, seed: int) -> 
         )
 
 
-def make_progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+def _plugin_states(objs: list[object]) -> list[Any]:
+    return [o.state_dict() if hasattr(o, "state_dict") else None for o in objs]
+
+
+def _load_plugin_states(objs: list[object], states: list[Any]) -> None:
+    for o, st in zip(objs, states, strict=True):
+        if st is not None:
+            o.load_state_dict(st)  # type: ignore[attr-defined]
+
+
+@dataclass
+class Bars:
+    """Progress bars with ETA over rounds, clients and attacks."""
+
+    progress: Progress | None
+
+    def add(self, label: str, total: int) -> TaskID | None:
+        return self.progress.add_task(label, total=total) if self.progress else None
+
+    def advance(self, task: TaskID | None) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.advance(task)
+
+    def reset(self, task: TaskID | None, total: int, completed: int = 0) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.reset(task, total=total, completed=completed)
 
 
 def run_repeat(
@@ -125,25 +243,19 @@ def run_repeat(
     ds: ImageDataset,
     seed: int,
     device: torch.device,
-    progress: Progress | None,
+    bars: Bars,
+    ckpt: Checkpoints,
     label: str,
 ) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     fed = scenario.federation
     clients = make_clients(ds, scenario, host, seed, device)
     model = build_model(scenario, host, ds, seed).to(device)
-    init = get_weights(model)
-    state = FederationState(0, init, {c: init.clone() for c in range(fed.clients)})
     cfg = LocalConfig(
-        fed.local_epochs,
-        fed.batch_size,
-        fed.lr,
-        fed.momentum,
-        fed.weight_decay,
-        task.data.augment,
+        fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay, task.data.augment
     )
-    aggregator = host.registry.build(
-        "aggregators", scenario.aggregator.name, scenario.aggregator.params
-    )
+    policy = UpdatePolicy(fed.max_update_norm, fed.on_excess_norm)
+    agg = scenario.aggregator
+    aggregator = host.registry.build("aggregators", agg.name, agg.params)
     per_run = [
         host.registry.build(kind, spec.name, spec.params)
         for _, kind, spec in scenario.components()
@@ -154,47 +266,58 @@ def run_repeat(
         if scenario.threat_model.adversaries == "rotate"
         else list(scenario.threat_model.adversaries)
     )
-    rounds_task = clients_task = attack_task = None
-    if progress is not None:
-        rounds_task = progress.add_task(f"{label} rounds", total=fed.rounds)
-        clients_task = progress.add_task(f"{label} clients", total=fed.m)
-        attack_task = progress.add_task(
-            f"{label} attacks", total=len(scenario.attacks) * len(adversaries)
+
+    saved = ckpt.load_training(task.name, seed)
+    if saved is None:
+        init = get_weights(model)
+        state = FederationState(0, init, {c: init.clone() for c in range(fed.clients)})
+        round_times: list[float] = []
+    else:
+        state = FederationState(
+            saved["round"],
+            saved["global"].to(device),
+            {c: w.to(device) for c, w in saved["clients"].items()},
+            saved["history"],
         )
+        round_times = saved["round_s"]
+        _load_plugin_states(per_run, saved["plugins"])
+        log.info("%s seed %d: resumed after round %d", task.name, seed, state.round)
 
-    def client_done(_: int) -> None:
-        if progress is not None:
-            progress.advance(clients_task)
+    rounds_bar = bars.add(f"{label} rounds", fed.rounds)
+    clients_bar = bars.add(f"{label} clients", fed.m)
+    attacks_bar = bars.add(f"{label} attacks", len(scenario.attacks) * len(adversaries))
+    bars.reset(rounds_bar, fed.rounds, state.round)
 
-    round_times = []
     with host.active(per_run):
-        for _ in range(fed.rounds):
+        while state.round < fed.rounds:
             t0 = time.perf_counter()
-            if progress is not None:
-                progress.reset(clients_task, total=fed.m)
+            bars.reset(clients_bar, fed.m)
             state = run_round(
-                state,
-                model,
-                clients,
-                cfg,
-                aggregator,
-                host.hook,
-                seed=seed,
-                rounds=fed.rounds,
-                m=fed.m,
-                on_client_done=client_done,
-            )
+                state, model, clients, cfg, aggregator, host.hook,
+                seed=seed, rounds=fed.rounds, m=fed.m, policy=policy,
+                on_client_done=lambda _: bars.advance(clients_bar),
+            )  # fmt: skip
             round_times.append(time.perf_counter() - t0)
             rec = state.history[-1]
+            for ev in rec["events"]:
+                log.warning("%s seed %d round %d: %s", task.name, seed, rec["round"], ev)
             log.info(
-                "seed %d round %d: loss %s (%.2f s)",
+                "%s seed %d round %d: loss %s (%.2f s)",
+                task.name, seed, rec["round"], rec["train_loss"], round_times[-1],
+            )  # fmt: skip
+            ckpt.save_training(
+                task.name,
                 seed,
-                rec["round"],
-                rec["train_loss"],
-                round_times[-1],
+                {
+                    "round": state.round,
+                    "global": state.global_weights.cpu(),
+                    "clients": {c: w.cpu() for c, w in state.client_weights.items()},
+                    "history": state.history,
+                    "round_s": round_times,
+                    "plugins": _plugin_states(per_run),
+                },
             )
-            if progress is not None:
-                progress.advance(rounds_task)
+            bars.advance(rounds_bar)
         privacy = [p for p in host.hook.testbed_privacy_spent() if p]
 
         finals = []
@@ -202,21 +325,23 @@ def run_repeat(
             m = build_model(scenario, host, ds, seed).to(device)
             set_weights(m, state.client_weights[cid])
             finals.append(m)
-        t0 = time.perf_counter()
-        evaluation = evaluate_transfer(
-            deploy(finals),
-            clients,
-            scenario.attacks,
-            adversaries,
-            host.registry,
-            host.hook,
-            seed=seed,
-            samples=scenario.threat_model.samples_per_adversary,
-            num_classes=len(ds.classes),
-            device=device,
-            on_attack_done=(lambda: progress.advance(attack_task)) if progress else None,
-        )
-        attack_time = time.perf_counter() - t0
+        deployed = deploy(finals)
+        acc = clean_accuracy(deployed, clients, host.hook)
+        attacks: dict[str, Any] = ckpt.load_json(task.name, seed, "attacks") or {}
+        bars.reset(attacks_bar, len(scenario.attacks) * len(adversaries), 0)
+        for spec in scenario.attacks:
+            if spec.label not in attacks:
+                attacks[spec.label] = run_attack(
+                    spec, deployed, clients, adversaries, host.registry, host.hook,
+                    seed=seed, samples=scenario.threat_model.samples_per_adversary,
+                    num_classes=len(ds.classes), device=device,
+                    on_adversary_done=lambda: bars.advance(attacks_bar),
+                )  # fmt: skip
+                ckpt.save_json(task.name, seed, "attacks", attacks)
+            else:
+                for _ in adversaries:
+                    bars.advance(attacks_bar)
+    events = [{"round": r["round"], **e} for r in state.history for e in r["events"]]
     metrics = {
         "seed": seed,
         "clients": [
@@ -230,14 +355,13 @@ def run_repeat(
             }
             for c in clients
         ],
-        **evaluation,
+        "acc": acc,
+        "acc_mean": sum(acc.values()) / len(acc),
+        "attacks": {spec.label: attacks[spec.label] for spec in scenario.attacks},
         "privacy": privacy,
+        "events": events,
         "rounds": state.history,
-        "timing": {
-            "round_s": round_times,
-            "train_s": sum(round_times),
-            "attack_phase_s": attack_time,
-        },
+        "timing": {"round_s": round_times, "train_s": sum(round_times)},
     }
     return metrics, finals
 
@@ -247,51 +371,27 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     for label in repeats[0]["attacks"]:
         rows = [r["attacks"][label] for r in repeats]
         attacks[label] = {
-            key: mean_std([row[key] for row in rows])
+            key: mean_std([_num(row[key]) for row in rows])
             for key in ("aasr", "aasr_own", "aasr_benign", "aetr")
         }
         attacks[label]["cost_s"] = mean_std([c for row in rows for c in row["cost_s"]])
-    eps = [p["epsilon"] for r in repeats for p in r["privacy"]]
+    eps = [_num(p["epsilon"]) for r in repeats for p in r["privacy"]]
     return {
         "acc_mean": mean_std([r["acc_mean"] for r in repeats]),
         "attacks": attacks,
         "epsilon": mean_std(eps) if eps else None,
+        "events": sum(len(r["events"]) for r in repeats),
         "round_s": mean_std([t for r in repeats for t in r["timing"]["round_s"]]),
     }
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else ("inf" if math.isinf(obj) else obj)
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-@contextmanager
-def staged_run_dir(final: Path) -> Iterator[Path]:
-    """Build the run folder under a hidden name and rename it only when complete, so a
-    failed or interrupted run never leaves a half-written report."""
-    if final.exists():
-        raise RunError(f"run folder {final} already exists")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    os.replace(staging, final)
+def _num(v: Any) -> float:
+    """Undo _json_safe for values that come back from a checkpoint."""
+    if v is None:
+        return math.nan
+    if v == "inf":
+        return math.inf
+    return float(v)
 
 
 def run_task(
@@ -300,7 +400,7 @@ def run_task(
     host: Host,
     data_root: Path | None,
     device: torch.device,
-    progress: Progress | None,
+    bars: Bars,
     run_dir: Path,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -310,17 +410,23 @@ def run_task(
     log.info(
         "task %s: %d images %s, loaded in %.1f s", task.name, len(ds), tuple(ds.x.shape[1:]), load_s
     )
+    ckpt = Checkpoints(run_dir / "checkpoint")
     seeds = scenario.seeds()
     repeats = []
     for r, seed in enumerate(seeds):
+        done = ckpt.load_json(task.name, seed, "done")
+        if done is not None:
+            repeats.append(done)
+            continue
         label = task.name + (f" [{r + 1}/{len(seeds)}]" if len(seeds) > 1 else "")
-        metrics, finals = run_repeat(scenario, task, host, ds, seed, device, progress, label)
-        repeats.append(metrics)
+        metrics, finals = run_repeat(scenario, task, host, ds, seed, device, bars, ckpt, label)
         if scenario.report.save_weights:
             wdir = run_dir / "weights" / task.name
             wdir.mkdir(parents=True, exist_ok=True)
             for cid, m in enumerate(finals):
-                torch.save(m.state_dict(), wdir / f"seed{seed}_client{cid}.pt")
+                _torch_save_atomic(m.state_dict(), wdir / f"seed{seed}_client{cid}.pt")
+        ckpt.save_json(task.name, seed, "done", metrics)
+        repeats.append(json.loads(json.dumps(_json_safe(metrics))))
     return {
         "dataset": {
             "name": spec.name,
@@ -333,6 +439,11 @@ def run_task(
         "summary": summarise(repeats),
         "timing": {"dataset_load_s": load_s},
     }
+
+
+# --------------------------------------------------------------------------------------
+# The whole scenario
+# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -360,32 +471,49 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def make_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
 def run_scenario(
     scenario: Scenario,
     host: Host,
     *,
     data_root: Path | None,
     out: Path | None = None,
+    resume: bool = False,
     console: Console | None = None,
     show_progress: bool = True,
+    on_start: Callable[[Path], None] | None = None,
 ) -> RunResult:
     console = console or Console(stderr=True)
     device = resolve_device(scenario.federation.device)
     final_dir = out or default_run_dir(scenario)
     t_start = time.perf_counter()
-    with staged_run_dir(final_dir) as run_dir:
+    with staged_run_dir(final_dir, resume) as run_dir:
+        if on_start:
+            on_start(final_dir)
         handler = logging.FileHandler(run_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         try:
-            write_json(run_dir / "scenario.json", resolved_dict(scenario))
+            if not resume:
+                write_json(run_dir / "scenario.json", resolved_dict(scenario))
             tasks = {}
             progress = make_progress(console) if show_progress else None
-            with progress if progress is not None else _null():
+            with progress if progress is not None else nullcontext():
                 for task in scenario.task_list():
                     tasks[task.name] = run_task(
-                        scenario, task, host, data_root, device, progress, run_dir
+                        scenario, task, host, data_root, device, Bars(progress), run_dir
                     )
             result = {
                 "schema_version": SCHEMA_VERSION,
@@ -400,16 +528,11 @@ def run_scenario(
                 from testbed.plots import write_plots
 
                 for name, task_result in tasks.items():
-                    write_plots(
-                        f"{scenario.scenario.name}/{name}", task_result, run_dir / "plots" / name
-                    )
+                    title = f"{scenario.scenario.name}/{name}"
+                    write_plots(title, task_result, run_dir / "plots" / name)
             write_json(run_dir / "metrics.json", result)
+            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         finally:
             log.removeHandler(handler)
             handler.close()
     return RunResult(final_dir, result)
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield

@@ -83,6 +83,14 @@ class Federation(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    max_update_norm: float = Field(
+        1e4, gt=0, description="Uploads above this L2 norm are hostile or broken."
+    )
+    on_excess_norm: Literal["drop", "clip"] = Field(
+        "drop",
+        description="Drop such an upload, or clip it to max_update_norm. Uploads with "
+        "NaN/Inf or the wrong shape are always dropped.",
+    )
 
     @model_validator(mode="after")
     def _sampled_le_clients(self) -> Federation:
@@ -318,9 +326,23 @@ def validate_document(doc: dict[str, Any], registry: Registry, file: str) -> Sce
     except ValidationError as exc:
         problems = _pydantic_problems(file, exc) + problems
         scenario = None
+    if scenario is not None and not problems:
+        problems = _check_against_scenario(file, scenario, registry)
     if problems or scenario is None:
         raise ScenarioError(problems)
     return scenario
+
+
+def _check_against_scenario(file: str, scenario: Scenario, registry: Registry) -> list[Problem]:
+    problems = []
+    for where, kind, spec in scenario.components():
+        comp = registry[kind].components[spec.name]
+        if comp.check is not None:
+            params = comp.params.model_validate(spec.params)
+            problems += [
+                Problem(file, f"{where}.params", msg) for msg in comp.check(params, scenario)
+            ]
+    return problems
 
 
 def load_scenario(path: Path | str, registry: Registry) -> Scenario:

@@ -52,6 +52,8 @@ class ClientUpdate:
 class Aggregate:
     delta: torch.Tensor
     included: list[int] = field(default_factory=list)
+    events: list[dict[str, object]] = field(default_factory=list)
+    """What the server noticed this round (dropped or clipped uploads), for the report."""
 
 
 @dataclass

@@ -68,10 +68,24 @@ def attack_pool(data: ClientData, n: int, seed: int) -> tuple[torch.Tensor, torc
     return data.x_test[idx].float().div(255), data.y_test[idx]
 
 
-def evaluate_transfer(
+def clean_accuracy(
+    deployed: Sequence[Deployed], clients: Sequence[ClientData], hooks: Any
+) -> dict[str, float]:
+    acc = {}
+    for d in deployed:
+        test = clients[d.client_id]
+        acc[str(d.client_id)] = accuracy(predict(d, to_unit(test.x_test), hooks), test.y_test)
+    return acc
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(255)
+
+
+def run_attack(
+    spec: Attack,
     deployed: Sequence[Deployed],
     clients: Sequence[ClientData],
-    attacks: Sequence[Attack],
     adversaries: Sequence[int],
     registry: Registry,
     hooks: Any,
@@ -80,58 +94,49 @@ def evaluate_transfer(
     samples: int,
     num_classes: int,
     device: torch.device,
-    on_attack_done: Callable[[], None] | None = None,
+    on_adversary_done: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    acc = {}
-    for d in deployed:
-        test = clients[d.client_id]
-        acc[str(d.client_id)] = accuracy(
-            predict(d, test.x_test.float().div(255), hooks), test.y_test
+    """Each adversary crafts on its own model (white-box); every model scores the result."""
+    asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
+    for a in adversaries:
+        x, y = attack_pool(clients[a], samples, seed)
+        counts.append(int(y.shape[0]))
+        clean = [predict(d, x, hooks) for d in deployed]
+        estimator = PyTorchClassifier(
+            deployed[a].model,
+            loss=nn.CrossEntropyLoss(),
+            input_shape=tuple(x.shape[1:]),
+            nb_classes=num_classes,
+            clip_values=(0.0, 1.0),
+            device_type="gpu" if device.type == "cuda" else "cpu",
         )
-    results: dict[str, Any] = {}
-    for spec in attacks:
-        asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
-        for a in adversaries:
-            x, y = attack_pool(clients[a], samples, seed)
-            counts.append(int(y.shape[0]))
-            clean = [predict(d, x, hooks) for d in deployed]
-            model = deployed[a].model
-            estimator = PyTorchClassifier(
-                model,
-                loss=nn.CrossEntropyLoss(),
-                input_shape=tuple(x.shape[1:]),
-                nb_classes=num_classes,
-                clip_values=(0.0, 1.0),
-                device_type="gpu" if device.type == "cuda" else "cpu",
-            )
-            attack = registry.build("attacks", spec.name, spec.params, estimator=estimator)
-            x_np = x.cpu().numpy()
-            # Label the attack with the adversary's own predictions: the untargeted goal
-            # is to change them (the ASR definition), and ART skips a forward pass.
-            y_np = np.eye(num_classes, dtype=np.float32)[clean[a].cpu().numpy()]
-            s = derive_seed(seed, "attack", spec.label, a)
-            with numpy_seeded(s), seeded(s, device):
-                t0 = time.perf_counter()
-                x_adv_np = attack.generate(x=x_np, y=y_np)
-                batches = math.ceil(len(x_np) / spec.params.get("batch_size", len(x_np)))
-                costs.append((time.perf_counter() - t0) / batches)
-            x_adv = torch.from_numpy(x_adv_np).to(device)
-            linf = max(linf, float((x_adv - x).abs().max()))
-            adv = [predict(d, x_adv, hooks) for d in deployed]
-            asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
-            for t in range(len(deployed)):
-                etr[(a, t)] = error_transfer_rate(adv[a], adv[t], y)[0]
-            if on_attack_done:
-                on_attack_done()
-        results[spec.label] = {
-            "attack": spec.name,
-            "params": spec.params,
-            "adversaries": list(adversaries),
-            "samples": counts,
-            "asr": asr_rows,
-            "etr": {f"{a}->{t}": v for (a, t), v in etr.items()},
-            **transfer_summary(asr_rows, etr, adversaries),
-            "linf_max": linf,
-            "cost_s": costs,
-        }
-    return {"acc": acc, "acc_mean": sum(acc.values()) / len(acc), "attacks": results}
+        attack = registry.build("attacks", spec.name, spec.params, estimator=estimator)
+        x_np = x.cpu().numpy()
+        # Label the attack with the adversary's own predictions: the untargeted goal is to
+        # change them (the ASR definition), and ART skips a forward pass.
+        y_np = np.eye(num_classes, dtype=np.float32)[clean[a].cpu().numpy()]
+        s = derive_seed(seed, "attack", spec.label, a)
+        with numpy_seeded(s), seeded(s, device):
+            t0 = time.perf_counter()
+            x_adv_np = attack.generate(x=x_np, y=y_np)
+            batches = math.ceil(len(x_np) / spec.params.get("batch_size", len(x_np)))
+            costs.append((time.perf_counter() - t0) / batches)
+        x_adv = torch.from_numpy(x_adv_np).to(device)
+        linf = max(linf, float((x_adv - x).abs().max()))
+        adv = [predict(d, x_adv, hooks) for d in deployed]
+        asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
+        for t in range(len(deployed)):
+            etr[(a, t)] = error_transfer_rate(adv[a], adv[t], y)[0]
+        if on_adversary_done:
+            on_adversary_done()
+    return {
+        "attack": spec.name,
+        "params": spec.params,
+        "adversaries": list(adversaries),
+        "samples": counts,
+        "asr": asr_rows,
+        "etr": {f"{a}->{t}": v for (a, t), v in etr.items()},
+        **transfer_summary(asr_rows, etr, adversaries),
+        "linf_max": linf,
+        "cost_s": costs,
+    }

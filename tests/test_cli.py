@@ -4,8 +4,8 @@ import json
 import math
 
 import pytest
-
 from conftest import REPO
+
 from testbed.cli import main
 from testbed.pluginmanager import build_host
 from testbed.scenario import load_scenario
@@ -68,8 +68,9 @@ def test_quickstart_end_to_end(tmp_path):
         for rep in task["repeats"]:
             assert rep["attacks"][label]["linf_max"] <= 0.05 + 1e-6
     # iterative attacks are stronger than one step, as in the paper
-    assert task["summary"]["attacks"]["PGD-10"]["aasr"]["mean"] > (
-        task["summary"]["attacks"]["FGSM"]["aasr"]["mean"]
+    assert (
+        task["summary"]["attacks"]["PGD-10"]["aasr"]["mean"]
+        > (task["summary"]["attacks"]["FGSM"]["aasr"]["mean"])
     )
     (privacy,) = task["repeats"][0]["privacy"]
     assert privacy["mechanism"] == "paper_dp" and privacy["rounds_accounted"] == 8
@@ -87,7 +88,10 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     scenario.write_text(TINY)
     runs = []
     for name, extra in (("a", []), ("b", []), ("c", ["--seed", "6"])):
-        assert main(["run", str(scenario), "--out", str(tmp_path / name), "--no-progress", *extra]) == 0
+        assert (
+            main(["run", str(scenario), "--out", str(tmp_path / name), "--no-progress", *extra])
+            == 0
+        )
         runs.append(strip_timing(json.loads((tmp_path / name / "metrics.json").read_text())))
     assert runs[0] == runs[1]
     assert runs[0]["seeds"] == [5] and runs[2]["seeds"] == [6]
@@ -102,8 +106,9 @@ def test_missing_data_root_is_one_line_exit_2_and_no_run_folder(tmp_path, capsys
     monkeypatch.delenv("TESTBED_DATA_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
     scenario = tmp_path / "mri.toml"
-    scenario.write_text('[scenario]\nname = "mri"\n[data]\nname = "brain_mri"\n'
-                        'params = { task = "meningioma" }\n')
+    scenario.write_text(
+        '[scenario]\nname = "mri"\n[data]\nname = "brain_mri"\nparams = { task = "meningioma" }\n'
+    )
     assert main(["run", str(scenario), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "needs a data root" in err and "Traceback" not in err

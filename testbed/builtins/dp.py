@@ -69,6 +69,20 @@ class PaperDP:
         noise = torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device)
         broadcast.weights = w + noise * self.noise_std
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the privacy accounting after a crash."""
+        return {
+            "accountant": self.accountant.state_dict(),
+            "rounds": self.rounds,
+            "noise_std": self.noise_std,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["accountant"]["history"]:
+            self.accountant.load_state_dict(state["accountant"])
+        self.rounds = state["rounds"]
+        self.noise_std = state["noise_std"]
+
     def epsilon(self) -> float:
         if self.p.noise_multiplier == 0:
             return float("inf")
