@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from test_cli import TINY, strip_timing
+
 from testbed.cli import main
 from testbed.federation import UpdatePolicy, screen_updates
 from testbed.state import ClientUpdate
