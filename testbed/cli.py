@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
         help="continue an interrupted run from its last checkpoint",
     )
     run.add_argument("--seed", type=int, help="override scenario.seed")
+    run.add_argument("--repeats", type=int, help="override evaluation.repeats (seeds seed..)")
+    run.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this task of a [[tasks]] scenario (repeatable)",
+    )
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override federation.device")
     run.add_argument(
         "--data-root", type=Path, help=f"folder holding the datasets (or ${DATA_ROOT_ENV})"
@@ -119,8 +127,20 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
     if args.seed is not None:
         updates["scenario"] = scenario.scenario.model_copy(update={"seed": args.seed})
         updates["evaluation"] = scenario.evaluation.model_copy(update={"seeds": None})
+    if args.repeats is not None:
+        if args.repeats < 1:
+            return _fail(console, "--repeats must be at least 1")
+        updates["evaluation"] = scenario.evaluation.model_copy(
+            update={"repeats": args.repeats, "seeds": None}
+        )
     if args.device is not None:
         updates["federation"] = scenario.federation.model_copy(update={"device": args.device})
+    if args.task:
+        known = [t.name for t in scenario.task_list()]
+        unknown = [t for t in args.task if t not in known]
+        if unknown or scenario.data is not None:
+            return _fail(console, f"--task {unknown or args.task}: tasks are {', '.join(known)}")
+        updates["tasks"] = [t for t in scenario.tasks if t.name in args.task]
     if updates and args.resume is not None:
         return _fail(console, "--resume continues with the run's own seed and device")
     scenario = scenario.model_copy(update=updates)

@@ -58,11 +58,12 @@ def augment(
 ) -> torch.Tensor:
     """Random flips per image and one random rotation per batch, on float tensors."""
     n = x.shape[0]
+    # Draws come from the CPU generator so that a seed gives the same flips on any device.
     if hflip:
-        m = torch.rand(n, generator=g) < 0.5
+        m = (torch.rand(n, generator=g) < 0.5).to(x.device)
         x = torch.where(m[:, None, None, None], x.flip(-1), x)
     if vflip:
-        m = torch.rand(n, generator=g) < 0.5
+        m = (torch.rand(n, generator=g) < 0.5).to(x.device)
         x = torch.where(m[:, None, None, None], x.flip(-2), x)
     if rotate_degrees > 0:
         angle = (torch.rand((), generator=g).item() * 2 - 1) * rotate_degrees

@@ -75,7 +75,8 @@ params = { eps = -0.1, eps_step = 0.01, max_iter = 10, bogus = 1 }
     joined = "\n".join(msgs)
     assert "colour: unknown key" in joined
     assert "federation.rounds:" in joined
-    assert "aggregator.name: unknown aggregator 'fedavgg' (known: fedavg" in joined
+    assert "aggregator.name: unknown aggregator 'fedavgg' (known: " in joined
+    assert "fedavg, " in joined
     assert "attacks[0].params.eps:" in joined
     assert "attacks[0].params.bogus: unknown key" in joined
     assert all(m.startswith(str(tmp_path / "s.toml")) for m in msgs)

@@ -159,9 +159,8 @@ def test_registered_and_run_through_the_engine_hooks():
     assert "central_dp" in host.registry["dp_mechanisms"].names()
     nb = host.registry.build("defences", "norm_bound", {"max_norm": 1.0})
     median = host.registry.build("aggregators", "median", {})
-    updates = three_updates()[:2] + [
-        ClientUpdate(2, torch.tensor([0.0, 0.1, 0, 0]), n_train=10, loss=0.0)
-    ]
+    small = ClientUpdate(2, torch.tensor([0.0, 0.1, 0, 0]), n_train=10, loss=0.0)
+    updates = [*three_updates()[:2], small]
     c = ctx(sampled=(0, 1, 2), n_clients=3)
     # Execute
     with host.active([nb]):
