@@ -86,5 +86,16 @@ def render_task(title: str, metrics: dict[str, Any], console: Console) -> None:
             f"(C = {p['clip_norm']:g}, z = {p['noise_multiplier']:g}); "
             f"{p['note']}"
         )
+    events = [(r["seed"], e) for r in repeats for e in r.get("events", [])]
+    if events:
+        ev = Table(title=f"Server events ({len(events)}): broken or hostile uploads")
+        for col in ("seed", "round", "client", "kind", "action", "detail"):
+            ev.add_column(col)
+        for seed, e in events[:20]:
+            client = "-" if e["client"] is None else str(e["client"])
+            ev.add_row(str(seed), str(e["round"]), client, e["kind"], e["action"], e["detail"])
+        console.print(ev)
+        if len(events) > 20:
+            console.print(f"... {len(events) - 20} more in metrics.json")
     rs = summ["round_s"]
     console.print(f"Time per round: {rs['mean']:.2f} s")
