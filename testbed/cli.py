@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         "--data-root", type=Path, help=f"folder holding the datasets (or ${DATA_ROOT_ENV})"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="retrain even if this federation was trained before (the cache is refreshed)",
+    )
 
     val = sub.add_parser("validate", help="check scenario files; report every problem")
     val.add_argument("scenarios", type=Path, nargs="+")
@@ -162,6 +167,7 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
             console=console,
             show_progress=not args.no_progress,
             on_start=on_start,
+            use_cache=not args.no_cache,
         )
     except RunError as exc:
         return _fail(console, f"{source}: {exc}")

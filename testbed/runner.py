@@ -36,7 +36,9 @@ from rich.progress import (
 )
 
 from testbed import __version__
+from testbed.builtins.datasets import cache_dir
 from testbed.builtins.partitioners import split_train_test
+from testbed.cache import FederationCache, training_key
 from testbed.data import ImageDataset
 from testbed.federation import (
     ClientData,
@@ -246,6 +248,8 @@ def run_repeat(
     bars: Bars,
     ckpt: Checkpoints,
     label: str,
+    cache: FederationCache,
+    use_cache: bool,
 ) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     fed = scenario.federation
     clients = make_clients(ds, scenario, host, seed, device)
@@ -267,8 +271,19 @@ def run_repeat(
         else list(scenario.threat_model.adversaries)
     )
 
+    key = training_key(scenario, task, seed, device)
     saved = ckpt.load_training(task.name, seed)
-    if saved is None:
+    cached = cache.load(key) if saved is None and use_cache else None
+    if cached is not None:
+        state = FederationState(
+            fed.rounds,
+            cached["global"].to(device),
+            {c: w.to(device) for c, w in cached["clients"].items()},
+            cached["history"],
+        )
+        round_times = cached["round_s"]
+        log.info("%s seed %d: trained federation from the cache (%s)", task.name, seed, key)
+    elif saved is None:
         init = get_weights(model)
         state = FederationState(0, init, {c: init.clone() for c in range(fed.clients)})
         round_times: list[float] = []
@@ -318,7 +333,20 @@ def run_repeat(
                 },
             )
             bars.advance(rounds_bar)
-        privacy = [p for p in host.hook.testbed_privacy_spent() if p]
+        if cached is not None:
+            privacy = cached["privacy"]
+        else:
+            privacy = [p for p in host.hook.testbed_privacy_spent() if p]
+            cache.save(
+                key,
+                {
+                    "global": state.global_weights.cpu(),
+                    "clients": {c: w.cpu() for c, w in state.client_weights.items()},
+                    "history": state.history,
+                    "round_s": round_times,
+                    "privacy": privacy,
+                },
+            )
 
         finals = []
         for cid in range(fed.clients):
@@ -344,6 +372,7 @@ def run_repeat(
     events = [{"round": r["round"], **e} for r in state.history for e in r["events"]]
     metrics = {
         "seed": seed,
+        "cache": {"key": key, "hit": cached is not None},
         "clients": [
             {
                 "id": c.client_id,
@@ -402,6 +431,7 @@ def run_task(
     device: torch.device,
     bars: Bars,
     run_dir: Path,
+    use_cache: bool,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = task.data
@@ -411,6 +441,7 @@ def run_task(
         "task %s: %d images %s, loaded in %.1f s", task.name, len(ds), tuple(ds.x.shape[1:]), load_s
     )
     ckpt = Checkpoints(run_dir / "checkpoint")
+    cache = FederationCache(cache_dir() / "federations")
     seeds = scenario.seeds()
     repeats = []
     for r, seed in enumerate(seeds):
@@ -419,7 +450,9 @@ def run_task(
             repeats.append(done)
             continue
         label = task.name + (f" [{r + 1}/{len(seeds)}]" if len(seeds) > 1 else "")
-        metrics, finals = run_repeat(scenario, task, host, ds, seed, device, bars, ckpt, label)
+        metrics, finals = run_repeat(
+            scenario, task, host, ds, seed, device, bars, ckpt, label, cache, use_cache
+        )
         if scenario.report.save_weights:
             wdir = run_dir / "weights" / task.name
             wdir.mkdir(parents=True, exist_ok=True)
@@ -493,6 +526,7 @@ def run_scenario(
     console: Console | None = None,
     show_progress: bool = True,
     on_start: Callable[[Path], None] | None = None,
+    use_cache: bool = True,
 ) -> RunResult:
     console = console or Console(stderr=True)
     device = resolve_device(scenario.federation.device)
@@ -513,7 +547,7 @@ def run_scenario(
             with progress if progress is not None else nullcontext():
                 for task in scenario.task_list():
                     tasks[task.name] = run_task(
-                        scenario, task, host, data_root, device, Bars(progress), run_dir
+                        scenario, task, host, data_root, device, Bars(progress), run_dir, use_cache
                     )
             result = {
                 "schema_version": SCHEMA_VERSION,

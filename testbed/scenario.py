@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from testbed.registry import Registry
+from testbed.sweep import expand_attack_sweeps
 
 SECTION_KINDS = {
     "data": "datasets",
@@ -109,9 +110,24 @@ class ThreatModel(Strict):
     )
     samples_per_adversary: int = Field(100, ge=1, description="Own test images attacked.")
 
+    @field_validator("adversaries", mode="before")
+    @classmethod
+    def _rotate_or_indices(cls, v: Any) -> Any:
+        # One clear message instead of one per member of the union.
+        ok = v == "rotate" or (
+            isinstance(v, list) and all(isinstance(a, int) and not isinstance(a, bool) for a in v)
+        )
+        if not ok:
+            raise ValueError(f"must be 'rotate' or a list of client indices, got {v!r}")
+        return v
+
 
 class Attack(Component):
     label: str = Field("", description="Name in reports; default NAME or NAME-max_iter.")
+    sweep_of: str = Field("", description="Set by sweep expansion: the swept entry's label.")
+    sweep_point: dict[str, float | int] = Field(
+        default_factory=dict, description="Set by sweep expansion: this attack's values."
+    )
 
     @model_validator(mode="after")
     def _default_label(self) -> Attack:
@@ -162,8 +178,9 @@ class Scenario(Strict):
         if (self.data is None) == (not self.tasks):
             raise ValueError("give either [data] or [[tasks]], not both or neither")
         names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names):
-            raise ValueError("task names must be unique")
+        repeated = sorted({x for x in names if names.count(x) > 1})
+        if repeated:
+            raise ValueError(f"tasks: task names must be unique; repeated: {', '.join(repeated)}")
         adv = self.threat_model.adversaries
         if isinstance(adv, list):
             bad = [a for a in adv if not 0 <= a < self.federation.clients]
@@ -175,7 +192,7 @@ class Scenario(Strict):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(
-                f"attack labels must be unique (set `label`); repeated: {', '.join(dupes)}"
+                f"attacks: attack labels must be unique (set `label`); repeated: {', '.join(dupes)}"
             )
         return self
 
@@ -320,7 +337,8 @@ def parse_document(path: Path) -> dict[str, Any]:
 def validate_document(doc: dict[str, Any], registry: Registry, file: str) -> Scenario:
     doc = json.loads(json.dumps(doc))  # a private copy; the component pass fills in params
     _fill_component_defaults(doc)
-    problems = _check_components(file, doc, registry)
+    problems = [Problem(file, w, m) for w, m in expand_attack_sweeps(doc, registry)]
+    problems += _check_components(file, doc, registry)
     try:
         scenario = Scenario.model_validate(doc)
     except ValidationError as exc:

@@ -11,6 +11,14 @@ os.environ.setdefault("TESTBED_DISABLE_PLUGIN_AUTOLOAD", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Datasets and trained federations cache to a folder of this test session (CI sets
+    its own), so no test reads what an earlier session left in ~/.cache."""
+    if "TESTBED_CACHE_DIR" not in os.environ:
+        os.environ["TESTBED_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The real datasets. Mandatory in CI (CI=true): missing data fails there, skips elsewhere."""

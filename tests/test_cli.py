@@ -38,12 +38,12 @@ plots = false
 
 
 def strip_timing(obj):
-    """metrics.json without the fields that measure time."""
+    """metrics.json without the fields that measure time or say where a result came from."""
     if isinstance(obj, dict):
         return {
             k: strip_timing(v)
             for k, v in obj.items()
-            if k not in ("timing", "cost_s", "hardware") and not k.endswith("_s")
+            if k not in ("timing", "cost_s", "hardware", "cache") and not k.endswith("_s")
         }
     if isinstance(obj, list):
         return [strip_timing(v) for v in obj]

@@ -195,13 +195,13 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, kill_at):
     scenario = tmp_path / "k.toml"
     scenario.write_text(KILLABLE)
     ref = tmp_path / "ref"
-    assert main(["run", str(scenario), "--out", str(ref), "--no-progress"]) == 0
+    assert main(["run", str(scenario), "--out", str(ref), "--no-progress", "--no-cache"]) == 0
 
     out = tmp_path / "killed"
     ckpt = tmp_path / ".killed.partial" / "checkpoint" / "synthetic"
     proc = subprocess.Popen(
         [sys.executable, "-m", "testbed.cli", "run", str(scenario), "--out", str(out),
-         "--no-progress"],
+         "--no-progress", "--no-cache"],
         env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
