@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from testbed import __version__
@@ -65,11 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("scenarios", type=Path, nargs="+")
 
     sub.add_parser("plugins", help="list plugins, versions, hooks and components")
+
+    rep = sub.add_parser("report", help="re-render a finished run's report (no recomputing)")
+    rep.add_argument("run_dir", type=Path)
     return p
 
 
 def _fail(console: Console, message: str) -> int:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: file paths and messages such as "give [data] or [[tasks]]" are not markup
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return USER_ERROR
 
 
@@ -81,9 +86,9 @@ def cmd_validate(host: Host, files: list[Path], console: Console) -> int:
         except ScenarioError as exc:
             bad += 1
             for problem in exc.problems:
-                console.print(str(problem), highlight=False, soft_wrap=True)
+                console.print(str(problem), markup=False, highlight=False, soft_wrap=True)
         else:
-            console.print(f"{f}: ok", highlight=False)
+            console.print(f"{f}: ok", markup=False, highlight=False)
     return USER_ERROR if bad else 0
 
 
@@ -176,7 +181,28 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
             return _fail(console, f"interrupted; continue with `testbed run --resume {started[0]}`")
         return _fail(console, "interrupted; nothing written")
     render(result.metrics, Console())
-    console.print(f"Report written to {result.run_dir}", highlight=False)
+    console.print(f"Report written to {result.run_dir}", markup=False, highlight=False)
+    return 0
+
+
+def cmd_report(run_dir: Path, console: Console) -> int:
+    import json
+
+    from testbed.report import render
+    from testbed.runner import write_report
+
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        return _fail(console, f"{path}: not found (is {run_dir} a finished run folder?)")
+    except (OSError, ValueError) as exc:
+        return _fail(console, f"{path}: unreadable: {exc}")
+    if not isinstance(metrics, dict) or metrics.get("schema_version") != 1:
+        return _fail(console, f"{path}: not a testbed metrics file of schema version 1")
+    render(metrics, Console())
+    write_report(run_dir, metrics)
+    console.print(f"Report written to {run_dir / 'report.md'}", highlight=False)
     return 0
 
 
@@ -189,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(host, args.scenarios, Console())
         if args.command == "plugins":
             return cmd_plugins(host, Console())
+        if args.command == "report":
+            return cmd_report(args.run_dir, console)
         return cmd_run(host, args, console)
     except ScenarioError as exc:
         for problem in exc.problems:
-            console.print(f"error: {problem}", highlight=False, soft_wrap=True)
+            console.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
         return USER_ERROR
     except (PluginError, DatasetError) as exc:
         return _fail(console, str(exc))

@@ -1,101 +1,220 @@
-"""Rich terminal tables for a finished run's metrics."""
+"""The report of a finished run, from its metrics alone: rich tables for the terminal and
+the same tables as Markdown (report.md). `testbed report RUN_DIR` re-renders both."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from testbed.paper import TABLE_I, TABLE_II, paper_attack_labels
 
-def _pct(stat: dict[str, float] | None) -> str:
-    if not stat or stat.get("mean") is None or math.isnan(stat["mean"]):
+
+@dataclass
+class TableData:
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _num(v: Any) -> float:
+    if v is None:
+        return math.nan
+    return math.inf if v == "inf" else float(v)
+
+
+def pct(v: Any, std: Any = None, n: int = 1) -> str:
+    v = _num(v)
+    if math.isnan(v):
         return "n/a"
-    s = f"{100 * stat['mean']:.2f}%"
-    return s + (f" ± {100 * stat['std']:.2f}" if stat.get("n", 1) > 1 else "")
+    s = f"{100 * v:.2f}%"
+    return s + (f" ± {100 * _num(std):.2f}" if n > 1 and std is not None else "")
 
 
-def _secs(stat: dict[str, float]) -> str:
-    return f"{stat['mean']:.3f} s" + (f" ± {stat['std']:.3f}" if stat.get("n", 1) > 1 else "")
+def _stat_pct(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "n/a"
+    return pct(stat.get("mean"), stat.get("std"), stat.get("n", 1))
+
+
+def _stat_secs(stat: dict[str, Any]) -> str:
+    m = _num(stat.get("mean"))
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.3f} s" + (f" ± {_num(stat['std']):.3f}" if stat.get("n", 1) > 1 else "")
+
+
+def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
+    repeats = task["repeats"]
+    n_clients = len(repeats[0]["acc"])
+    out = []
+
+    acc = TableData(
+        f"{title}: clean accuracy per client (own test split)",
+        ["seed", *[f"client {c}" for c in range(n_clients)], "mean", "federation"],
+    )
+    for r in repeats:
+        cache = r.get("cache", {})
+        acc.rows.append(
+            [
+                str(r["seed"]),
+                *(pct(r["acc"][str(c)]) for c in range(n_clients)),
+                pct(r["acc_mean"]),
+                "from cache" if cache.get("hit") else "trained",
+            ]
+        )
+    out.append(acc)
+
+    summ = task["summary"]
+    s = TableData(
+        f"{title}: attacks, mean ± std over {len(repeats)} seed(s)",
+        ["attack", "AASR", "ASR own", "ASR benign", "AETR", "cost / batch"],
+    )
+    for label, a in summ["attacks"].items():
+        s.rows.append(
+            [
+                label,
+                _stat_pct(a["aasr"]),
+                _stat_pct(a["aasr_own"]),
+                _stat_pct(a["aasr_benign"]),
+                _stat_pct(a["aetr"]),
+                _stat_secs(a["cost_s"]),
+            ]
+        )
+    s.notes.append(f"mean clean ACC {_stat_pct(summ['acc_mean'])}")
+    out.append(s)
+
+    first = repeats[0]["attacks"]
+    for label, a in first.items():
+        if a.get("sweep_of"):
+            continue  # sweeps are summarised above and drawn in the figures
+        m = TableData(
+            f"{title}: ASR, {label}: adversary (rows) x target model (columns), mean over seeds",
+            ["adversary", *[f"client {c}" for c in range(n_clients)]],
+        )
+        for i, adv in enumerate(a["adversaries"]):
+            cells = []
+            for c in range(n_clients):
+                v = sum(_num(r["attacks"][label]["asr"][i][c]) for r in repeats) / len(repeats)
+                cells.append(f"{100 * v:.1f}%" + (" (own)" if c == adv else ""))
+            m.rows.append([f"client {adv}", *cells])
+        out.append(m)
+
+    for p in repeats[0]["privacy"]:
+        eps = summ["epsilon"] or {}
+        out.append(
+            TableData(
+                f"{title}: privacy spent ({p['mechanism']})",
+                ["accountant", "level", "epsilon", "delta", "rounds", "C", "z"],
+                [
+                    [
+                        str(p["accountant"]),
+                        str(p.get("level", "")),
+                        f"{_num(eps.get('mean')):.4g}",
+                        f"{p['delta']:g}",
+                        str(p["rounds_accounted"]),
+                        f"{p['clip_norm']:g}",
+                        f"{p['noise_multiplier']:g}",
+                    ]
+                ],
+                [str(p["note"])] if p.get("note") else [],
+            )
+        )
+
+    events = [(r["seed"], e) for r in repeats for e in r.get("events", [])]
+    if events:
+        ev = TableData(
+            f"{title}: server events ({len(events)}): broken or hostile uploads",
+            ["seed", "round", "client", "kind", "action", "detail"],
+        )
+        for seed, e in events[:20]:
+            client = "-" if e["client"] is None else str(e["client"])
+            ev.rows.append(
+                [str(seed), str(e["round"]), client, e["kind"], e["action"], e["detail"]]
+            )
+        if len(events) > 20:
+            ev.notes.append(f"{len(events) - 20} more in metrics.json")
+        out.append(ev)
+
+    if name in TABLE_I:
+        out += paper_tables(title, name, task)
+    rs = summ["round_s"]
+    out[0].notes.append(f"time per round {_num(rs['mean']):.2f} s")
+    return out
+
+
+def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
+    """Our Table I and II beside the paper's, with the differences."""
+    summ = task["summary"]
+    labels = paper_attack_labels(task["repeats"][0]["attacks"])
+    acc, p20, p40, t20, t40 = TABLE_I[name]
+    aetr_fgsm, aetr_pgd = TABLE_II[name]
+
+    def stat(label: str | None, key: str) -> float:
+        return _num(summ["attacks"][label][key]["mean"]) if label else math.nan
+
+    rows = [
+        ("ACC", _num(summ["acc_mean"]["mean"]), acc, True),
+        ("AASR PGD-20", stat(labels["PGD-20"], "aasr"), p20, True),
+        ("AASR PGD-40", stat(labels["PGD-40"], "aasr"), p40, True),
+        ("s / PGD-20 batch", stat(labels["PGD-20"], "cost_s"), t20, False),
+        ("s / PGD-40 batch", stat(labels["PGD-40"], "cost_s"), t40, False),
+        ("AETR FGSM", stat(labels["FGSM"], "aetr"), aetr_fgsm, True),
+        ("AETR PGD-20", stat(labels["PGD-20"], "aetr"), aetr_pgd, True),
+    ]
+    t = TableData(f"{title}: Tables I and II beside the paper", ["metric", "ours", "paper", "diff"])
+    for metric, ours, theirs, is_rate in rows:
+        if is_rate:
+            diff = "n/a" if math.isnan(ours) else f"{100 * (ours - theirs):+.2f} pp"
+            t.rows.append([metric, pct(ours), pct(theirs), diff])
+        else:
+            diff = "n/a" if math.isnan(ours) else f"x{ours / theirs:.3g}"
+            t.rows.append([metric, "n/a" if math.isnan(ours) else f"{ours:.3f}", f"{theirs}", diff])
+    t.notes.append("paper: Darzi et al., Tables I-II (mean of 3 runs; its hardware not stated)")
+    return [t]
+
+
+def run_tables(metrics: dict[str, Any]) -> list[TableData]:
+    tables = []
+    for name, task in metrics["tasks"].items():
+        tables += task_tables(f"{metrics['scenario']}/{name}", name, task)
+    return tables
 
 
 def render(metrics: dict[str, Any], console: Console) -> None:
-    for name, task in metrics["tasks"].items():
-        console.rule(f"{metrics['scenario']}: {name} ({task['dataset']['images']} images)")
-        render_task(f"{metrics['scenario']}/{name}", task, console)
-    console.print(
-        f"Device: {metrics['hardware']['device']}; total {metrics['timing']['total_s']:.1f} s"
-    )
+    for t in run_tables(metrics):
+        table = Table(title=t.title, caption="; ".join(t.notes) or None)
+        for i, h in enumerate(t.headers):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in t.rows:
+            table.add_row(*row)
+        console.print(table)
+    for p in metrics.get("plots", []):
+        console.print(f"figure: {p}", highlight=False)
+    hw = metrics["hardware"]
+    device = hw.get("gpu", hw["device"])
+    console.print(f"Device: {device}; total {_num(metrics['timing']['total_s']):.1f} s")
 
 
-def render_task(title: str, metrics: dict[str, Any], console: Console) -> None:
-    repeats = metrics["repeats"]
-    n_clients = len(repeats[0]["acc"])
-
-    acc = Table(title="Clean accuracy per client (own test split)")
-    acc.add_column("seed")
-    for c in range(n_clients):
-        acc.add_column(f"client {c}", justify="right")
-    acc.add_column("mean", justify="right")
-    for r in repeats:
-        acc.add_row(
-            str(r["seed"]),
-            *(f"{100 * r['acc'][str(c)]:.2f}%" for c in range(n_clients)),
-            f"{100 * r['acc_mean']:.2f}%",
-        )
-    console.print(acc)
-
-    for label, first in repeats[0]["attacks"].items():
-        t = Table(title=f"ASR, {label}: adversary (rows) x target model (columns), mean over seeds")
-        t.add_column("adversary")
-        for c in range(n_clients):
-            t.add_column(f"client {c}", justify="right")
-        for i, a in enumerate(first["adversaries"]):
-            cells = []
-            for c in range(n_clients):
-                v = sum(r["attacks"][label]["asr"][i][c] for r in repeats) / len(repeats)
-                cells.append(f"[bold]{100 * v:.1f}%[/]" if c == a else f"{100 * v:.1f}%")
-            t.add_row(f"client {a}", *cells)
-        console.print(t)
-
-    summ = metrics["summary"]
-    s = Table(title=f"{title}: summary over {len(repeats)} seed(s)")
-    for col in ("attack", "ACC", "AASR", "ASR own", "ASR benign", "AETR", "cost / batch"):
-        s.add_column(col, justify="right" if col != "attack" else "left")
-    for label, a in summ["attacks"].items():
-        s.add_row(
-            label,
-            _pct(summ["acc_mean"]),
-            _pct(a["aasr"]),
-            _pct(a["aasr_own"]),
-            _pct(a["aasr_benign"]),
-            _pct(a["aetr"]),
-            _secs(a["cost_s"]),
-        )
-    if not summ["attacks"]:
-        s.add_row("(none)", _pct(summ["acc_mean"]), "", "", "", "", "")
-    console.print(s)
-
-    for p in repeats[0]["privacy"]:
-        eps = summ["epsilon"]
-        console.print(
-            f"Privacy ({p['mechanism']}, {p['accountant']} accountant, {p['level']}-level): "
-            f"epsilon = {eps['mean']:.3g} at delta = {p['delta']:g} after "
-            f"{p['rounds_accounted']} rounds "
-            f"(C = {p['clip_norm']:g}, z = {p['noise_multiplier']:g}); "
-            f"{p['note']}"
-        )
-    events = [(r["seed"], e) for r in repeats for e in r.get("events", [])]
-    if events:
-        ev = Table(title=f"Server events ({len(events)}): broken or hostile uploads")
-        for col in ("seed", "round", "client", "kind", "action", "detail"):
-            ev.add_column(col)
-        for seed, e in events[:20]:
-            client = "-" if e["client"] is None else str(e["client"])
-            ev.add_row(str(seed), str(e["round"]), client, e["kind"], e["action"], e["detail"])
-        console.print(ev)
-        if len(events) > 20:
-            console.print(f"... {len(events) - 20} more in metrics.json")
-    rs = summ["round_s"]
-    console.print(f"Time per round: {rs['mean']:.2f} s")
+def markdown(metrics: dict[str, Any]) -> str:
+    hw = metrics["hardware"]
+    lines = [
+        f"# {metrics['scenario']}",
+        "",
+        f"testbed {metrics['testbed_version']}, seeds {metrics['seeds']}, "
+        f"{hw.get('gpu', hw['device'])}, torch {hw['torch']}, "
+        f"{_num(metrics['timing']['total_s']):.1f} s in total.",
+        "",
+    ]
+    for t in run_tables(metrics):
+        lines += [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |"]
+        lines.append("|" + "---|" * len(t.headers))
+        lines += ["| " + " | ".join(row) + " |" for row in t.rows]
+        lines += [""] + [f"{n}" for n in t.notes] + ([""] if t.notes else [])
+    if metrics.get("plots"):
+        lines += ["## Figures", ""] + [f"![{p}]({p})" for p in metrics["plots"]] + [""]
+    return "\n".join(lines)

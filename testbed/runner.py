@@ -129,6 +129,11 @@ class Checkpoints:
         return self.root.is_dir() and any(self.root.rglob("*.pt"))
 
 
+def safe_name(label: str) -> str:
+    """A label as a file name: letters, digits, '.', '_' and '-' only."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+
+
 def partial_dir(final: Path) -> Path:
     return final.parent / f".{final.name}.partial"
 
@@ -180,7 +185,10 @@ def make_clients(
     n = scenario.federation.clients
     spec = scenario.partition
     partition = host.registry.build("partitioners", spec.name, spec.params)
-    parts = partition(ds.y, n, generator(seed, "partition"))
+    try:
+        parts = partition(ds.y, n, generator(seed, "partition"))
+    except ValueError as exc:  # the data cannot be split this way: a scenario mistake
+        raise RunError(f"partitioner {spec.name!r}: {exc}") from None
     clients = []
     for cid, idx in enumerate(parts):
         tr, te = split_train_test(idx, ds.y, spec.train_fraction, generator(seed, "split", cid))
@@ -198,16 +206,19 @@ def build_model(scenario: Scenario, host: Host, ds: ImageDataset, seed: int) -> 
     mean, std = ds.channel_stats()
     spec = scenario.model
     with seeded(derive_seed(seed, "init"), torch.device("cpu")):
-        return host.registry.build(
-            "models",
-            spec.name,
-            spec.params,
-            in_channels=ds.channels,
-            image_size=ds.image_size,
-            num_classes=len(ds.classes),
-            mean=mean,
-            std=std,
-        )
+        try:
+            return host.registry.build(
+                "models",
+                spec.name,
+                spec.params,
+                in_channels=ds.channels,
+                image_size=ds.image_size,
+                num_classes=len(ds.classes),
+                mean=mean,
+                std=std,
+            )
+        except ValueError as exc:  # e.g. images too small for the model's poolings
+            raise RunError(f"model {spec.name!r}: {exc}") from None
 
 
 def _plugin_states(objs: list[object]) -> list[Any]:
@@ -250,6 +261,7 @@ def run_repeat(
     label: str,
     cache: FederationCache,
     use_cache: bool,
+    examples_dir: Path,
 ) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     fed = scenario.federation
     clients = make_clients(ds, scenario, host, seed, device)
@@ -359,12 +371,13 @@ def run_repeat(
         bars.reset(attacks_bar, len(scenario.attacks) * len(adversaries), 0)
         for spec in scenario.attacks:
             if spec.label not in attacks:
-                attacks[spec.label] = run_attack(
+                attacks[spec.label], example = run_attack(
                     spec, deployed, clients, adversaries, host.registry, host.hook,
                     seed=seed, samples=scenario.threat_model.samples_per_adversary,
                     num_classes=len(ds.classes), device=device,
                     on_adversary_done=lambda: bars.advance(attacks_bar),
                 )  # fmt: skip
+                _torch_save_atomic(example, examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
                 ckpt.save_json(task.name, seed, "attacks", attacks)
             else:
                 for _ in adversaries:
@@ -450,9 +463,12 @@ def run_task(
             repeats.append(done)
             continue
         label = task.name + (f" [{r + 1}/{len(seeds)}]" if len(seeds) > 1 else "")
+        examples_dir = run_dir / "examples" / task.name
+        examples_dir.mkdir(parents=True, exist_ok=True)
         metrics, finals = run_repeat(
-            scenario, task, host, ds, seed, device, bars, ckpt, label, cache, use_cache
-        )
+            scenario, task, host, ds, seed, device, bars, ckpt, label, cache, use_cache,
+            examples_dir,
+        )  # fmt: skip
         if scenario.report.save_weights:
             wdir = run_dir / "weights" / task.name
             wdir.mkdir(parents=True, exist_ok=True)
@@ -516,6 +532,14 @@ def make_progress(console: Console) -> Progress:
     )
 
 
+def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
+    from testbed.report import markdown
+
+    tmp = run_dir / "report.md.tmp"
+    tmp.write_text(markdown(metrics))
+    os.replace(tmp, run_dir / "report.md")
+
+
 def run_scenario(
     scenario: Scenario,
     host: Host,
@@ -558,13 +582,19 @@ def run_scenario(
                 "hardware": hardware(device),
                 "timing": {"total_s": time.perf_counter() - t_start},
             }
+            result = json.loads(json.dumps(_json_safe(result)))
             if scenario.report.plots:
                 from testbed.plots import write_plots
 
+                plots = []
                 for name, task_result in tasks.items():
                     title = f"{scenario.scenario.name}/{name}"
-                    write_plots(title, task_result, run_dir / "plots" / name)
+                    plots += write_plots(
+                        title, task_result, run_dir / "plots" / name, run_dir / "examples" / name
+                    )
+                result["plots"] = [str(p.relative_to(run_dir)) for p in plots]
             write_json(run_dir / "metrics.json", result)
+            write_report(run_dir, result)
             shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         finally:
             log.removeHandler(handler)

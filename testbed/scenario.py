@@ -316,7 +316,7 @@ def _check_components(file: str, doc: dict[str, Any], registry: Registry) -> lis
 def parse_document(path: Path) -> dict[str, Any]:
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is harmless
     except FileNotFoundError:
         raise ScenarioError([Problem(file, "", "file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -95,9 +95,11 @@ def run_attack(
     num_classes: int,
     device: torch.device,
     on_adversary_done: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Each adversary crafts on its own model (white-box); every model scores the result."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each adversary crafts on its own model (white-box); every model scores the result.
+    Returns the metrics and one example (the first adversary's first image) for figures."""
     asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
+    example: dict[str, Any] = {}
     for a in adversaries:
         x, y = attack_pool(clients[a], samples, seed)
         counts.append(int(y.shape[0]))
@@ -124,6 +126,15 @@ def run_attack(
         x_adv = torch.from_numpy(x_adv_np).to(device)
         linf = max(linf, float((x_adv - x).abs().max()))
         adv = [predict(d, x_adv, hooks) for d in deployed]
+        if not example:
+            example = {
+                "adversary": a,
+                "x": x[0].cpu(),
+                "x_adv": x_adv[0].cpu(),
+                "label": int(y[0]),
+                "pred_clean": int(clean[a][0]),
+                "pred_adv": int(adv[a][0]),
+            }
         asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
         for t in range(len(deployed)):
             etr[(a, t)] = error_transfer_rate(adv[a], adv[t], y)[0]
@@ -131,6 +142,8 @@ def run_attack(
             on_adversary_done()
     return {
         "attack": spec.name,
+        "sweep_of": spec.sweep_of,
+        "sweep_point": spec.sweep_point,
         "params": spec.params,
         "adversaries": list(adversaries),
         "samples": counts,
@@ -139,4 +152,4 @@ def run_attack(
         **transfer_summary(asr_rows, etr, adversaries),
         "linf_max": linf,
         "cost_s": costs,
-    }
+    }, example
