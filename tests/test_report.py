@@ -1,0 +1,69 @@
+"""Figures and reports of a sweep run, and `testbed report` re-rendering without recomputing."""
+
+import json
+
+import pytest
+
+from test_cli import TINY
+from testbed.cli import main
+
+# The task is *named* like the paper's, so the report sets it beside Tables I and II.
+SWEEP_RUN = TINY.replace(
+    '[data]\nname = "synthetic"\nparams = { n_samples = 90, image_size = 16 }',
+    '[[tasks]]\nname = "meningioma"\n[tasks.data]\nname = "synthetic"\n'
+    "params = { n_samples = 90, image_size = 16 }",
+).replace("[report]\nplots = false", "[report]\nplots = true") + """
+[[attacks]]
+name = "fgsm"
+params = { eps = 0.03 }
+sweep = { eps = [0.01, 0.03, 0.05, 0.1] }
+
+[[attacks]]
+name = "pgd"
+params = { eps = 0.03, eps_step = 0.007 }
+sweep = { max_iter = [1, 2, 4] }
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    scenario = tmp / "sweep.toml"
+    scenario.write_text(SWEEP_RUN)
+    out = tmp / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_sweep_figures_are_written_and_listed(sweep_run):
+    metrics = json.loads((sweep_run / "metrics.json").read_text())
+    plots = set(metrics["plots"])
+    base = "plots/meningioma/"
+    for name in (
+        "training_loss.png",
+        "asr_PGD-3.png",
+        "sweep_FGSM_eps.png",
+        "examples_FGSM.png",
+        "sweep_PGD_max_iter.png",
+    ):
+        assert base + name in plots
+        assert (sweep_run / base / name).stat().st_size > 1000
+    # no per-cell matrix for each sweep point: they are summarised by the sweep figures
+    assert not any("asr_FGSM_eps" in p for p in plots)
+
+
+def test_report_markdown_has_paper_tables_and_rerenders_identically(sweep_run, capsys):
+    md = (sweep_run / "report.md").read_text()
+    assert "Tables I and II beside the paper" in md
+    assert "| AASR PGD-20 |" in md and "84.12%" in md  # the paper's meningioma ACC
+    assert "FGSM eps=0.05" in md
+    (sweep_run / "report.md").unlink()
+    assert main(["report", str(sweep_run)]) == 0
+    assert (sweep_run / "report.md").read_text() == md
+    out = capsys.readouterr().out
+    assert "ASR, PGD-3" in out and "figure: plots/meningioma/sweep_FGSM_eps.png" in out
+
+
+def test_report_of_a_folder_without_metrics_is_a_user_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
