@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override scenario.seed")
     run.add_argument("--repeats", type=int, help="override evaluation.repeats (seeds seed..)")
     run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override any scenario value, e.g. --set federation.rounds=3 (repeatable)",
+    )
+    run.add_argument(
         "--task",
         action="append",
         default=[],
@@ -132,7 +140,9 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
         return _fail(console, "give a scenario file, or --resume RUN_DIR")
     else:
         out, source = args.out, args.scenario
-    scenario = load_scenario(source, host.registry)
+    if args.overrides and args.resume is not None:
+        return _fail(console, "--resume continues the run as it was; --set is not allowed")
+    scenario = load_scenario(source, host.registry, args.overrides)
     updates: dict[str, object] = {}
     if args.seed is not None:
         updates["scenario"] = scenario.scenario.model_copy(update={"seed": args.seed})

@@ -363,9 +363,42 @@ def _check_against_scenario(file: str, scenario: Scenario, registry: Registry) -
     return problems
 
 
-def load_scenario(path: Path | str, registry: Registry) -> Scenario:
+def apply_overrides(doc: dict[str, Any], overrides: list[str], file: str) -> None:
+    """`--set federation.rounds=3`: values are TOML (3, 0.5, true, "x", [1, 2]); a bare
+    word is a string. Paths walk tables and list indices (attacks.0.params.eps)."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(Problem(file, f"--set {item}", "expected KEY=VALUE"))
+            continue
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node: Any = doc
+        parts = key.split(".")
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(parts[-1])] = value
+            else:
+                node[parts[-1]] = value
+        except (ValueError, IndexError, TypeError, AttributeError):
+            problems.append(Problem(file, f"--set {key}", "no such place in the scenario"))
+    if problems:
+        raise ScenarioError(problems)
+
+
+def load_scenario(
+    path: Path | str, registry: Registry, overrides: list[str] | None = None
+) -> Scenario:
     path = Path(path)
-    return validate_document(parse_document(path), registry, str(path))
+    doc = parse_document(path)
+    if overrides:
+        apply_overrides(doc, overrides, str(path))
+    return validate_document(doc, registry, str(path))
 
 
 def resolved_dict(scenario: Scenario) -> dict[str, Any]:

@@ -129,3 +129,21 @@ def test_missing_file_is_a_user_error(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.toml")]) == 2
     err = capsys.readouterr()
     assert "file not found" in err.out + err.err
+
+
+def test_set_overrides_any_value_and_reports_bad_paths(tmp_path, registry):
+    from testbed.scenario import load_scenario
+
+    text = MINIMAL + '[[attacks]]\nname = "fgsm"\nparams = { eps = 0.03 }\n'
+    path = write(tmp_path, text)
+    s = load_scenario(
+        path, registry, ["federation.rounds=3", "attacks.0.params.eps=0.1", "scenario.name=x"]
+    )
+    assert s.federation.rounds == 3 and s.attacks[0].params["eps"] == 0.1
+    assert s.scenario.name == "x"
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(path, registry, ["attacks.5.params.eps=0.1"])
+    assert "--set attacks.5.params.eps: no such place" in str(exc.value)
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(path, registry, ["federation.rounds=zero"])
+    assert "federation.rounds:" in str(exc.value)
