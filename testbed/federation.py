@@ -98,6 +98,30 @@ def sample_clients(seed: int, rnd: int, n_clients: int, m: int) -> tuple[int, ..
     return tuple(sorted(perm[:m].tolist()))
 
 
+def local_sgd(model: nn.Module, data: ClientData, cfg: LocalConfig, g: torch.Generator) -> float:
+    """Plain local training: SGD over shuffled, augmented batches; returns the mean loss."""
+    device = data.x_train.device
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    n = data.n_train
+    loss_sum, seen = torch.zeros((), device=device), 0
+    aug = cfg.augment
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=g).to(device)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x = data.x_train[idx].float().div_(255)
+            x = augment(x, g, aug.hflip, aug.vflip, aug.rotate_degrees)
+            loss = nn.functional.cross_entropy(model(x), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)
+            seen += len(idx)
+    return float(loss_sum) / max(seen, 1)
+
+
 def client_step(
     model: nn.Module,
     received: torch.Tensor,
@@ -106,33 +130,16 @@ def client_step(
     ctx: RoundContext,
     hooks: Any,
 ) -> ClientUpdate:
-    """Local SGD from the weights the client received; returns its (hooked) update."""
-    device = received.device
+    """Local training from the weights the client received; returns its (hooked) update."""
     set_weights(model, received)
     model.train()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
     g = ctx.generator("local", data.client_id)
-    n = data.n_train
-    loss_sum, seen = torch.zeros((), device=device), 0
-    aug = cfg.augment
-    with seeded(derive_seed(ctx.seed, ctx.round, "dropout", data.client_id), device):
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=g).to(device)
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                x = data.x_train[idx].float().div_(255)
-                x = augment(x, g, aug.hflip, aug.vflip, aug.rotate_degrees)
-                y = data.y_train[idx]
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach() * len(idx)
-                seen += len(idx)
+    with seeded(derive_seed(ctx.seed, ctx.round, "dropout", data.client_id), received.device):
+        loss = hooks.testbed_local_training(ctx=ctx, model=model, data=data, cfg=cfg, generator=g)
+        if loss is None:
+            loss = local_sgd(model, data, cfg, g)
     delta = get_weights(model) - received
-    update = ClientUpdate(data.client_id, delta, n, float(loss_sum) / max(seen, 1))
+    update = ClientUpdate(data.client_id, delta, data.n_train, float(loss))
     hooks.testbed_client_update(ctx=ctx, update=update)
     return update
 

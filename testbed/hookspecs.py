@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 from testbed import hookspec
 
 if TYPE_CHECKING:
+    from torch import Generator, nn
+
+    from testbed.federation import ClientData, LocalConfig
     from testbed.registry import KindRegistry
     from testbed.state import Aggregate, Broadcast, ClientUpdate, InferenceBatch, RoundContext
 
@@ -79,6 +82,18 @@ def testbed_register_attacks(registry: KindRegistry) -> None:
 # --------------------------------------------------------------------------------------
 # Federated lifecycle, in call order within one round.
 # --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def testbed_local_training(
+    ctx: RoundContext, model: nn.Module, data: ClientData, cfg: LocalConfig, generator: Generator
+) -> float | None:
+    """On a sampled client, to replace its local training (DP-SGD, adversarial training).
+    Train ``model`` in place from the weights it holds (the ones the client received),
+    drawing randomness from ``generator`` (and torch's global RNG, seeded per client and
+    round); return the mean training loss. Return None to leave the client to the next
+    implementation; the default is plain SGD for ``cfg.epochs`` epochs. The first
+    non-None result wins."""
 
 
 @hookspec
