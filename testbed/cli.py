@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list plugins, versions, hooks and components")
 
+    cmp = sub.add_parser("compare", help="run scenarios side by side: one table of defences")
+    cmp.add_argument("scenarios", type=Path, nargs="+")
+    cmp.add_argument("--out", type=Path, help="comparison folder (default reports/compare-<time>/)")
+    cmp.add_argument("--data-root", type=Path, help=f"datasets folder (or ${DATA_ROOT_ENV})")
+    cmp.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override for every run")
+    cmp.add_argument("--repeats", type=int, help="override evaluation.repeats for every run")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    cmp.add_argument("--no-progress", action="store_true")
+    cmp.add_argument("--no-cache", action="store_true")
+
     rep = sub.add_parser("report", help="re-render a finished run's report (no recomputing)")
     rep.add_argument("run_dir", type=Path)
     return p
@@ -195,6 +205,61 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
+    from datetime import UTC, datetime
+
+    from testbed import compare
+    from testbed.runner import RunError, run_scenario, write_json
+
+    if args.repeats is not None and args.repeats < 1:
+        return _fail(console, "--repeats must be at least 1")
+    scenarios, problems = [], []
+    for f in args.scenarios:
+        try:
+            s = load_scenario(f, host.registry, args.overrides)
+        except ScenarioError as exc:
+            problems += exc.problems
+            continue
+        if args.repeats is not None:
+            ev = s.evaluation.model_copy(update={"repeats": args.repeats, "seeds": None})
+            s = s.model_copy(update={"evaluation": ev})
+        if args.device is not None:
+            fed = s.federation.model_copy(update={"device": args.device})
+            s = s.model_copy(update={"federation": fed})
+        scenarios.append(s)
+    if problems:
+        raise ScenarioError(problems)
+    names = [s.scenario.name for s in scenarios]
+    if len(set(names)) != len(names):
+        return _fail(console, f"scenario names must differ to be compared: {names}")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("reports") / f"compare-{stamp}"
+    if out.exists():
+        return _fail(console, f"{out} already exists")
+    results = {}
+    for path, scenario in zip(args.scenarios, scenarios, strict=True):
+        console.print(f"[bold]{scenario.scenario.name}[/] ({escape(str(path))})")
+        try:
+            results[scenario.scenario.name] = run_scenario(
+                scenario,
+                host,
+                data_root=_data_root(args),
+                out=out / scenario.scenario.name,
+                console=console,
+                show_progress=not args.no_progress,
+                use_cache=not args.no_cache,
+            ).metrics
+        except RunError as exc:
+            return _fail(console, f"{path}: {exc}")
+    labels, rows = compare.rows(results)
+    compare.render(labels, rows, Console())
+    write_json(out / "compare.json", {"schema_version": 1, "attacks": labels, "rows": rows})
+    (out / "compare.md").write_text(compare.markdown(labels, rows))
+    compare.chart(labels, rows, out / "compare.png")
+    console.print(f"Comparison written to {out}", markup=False, highlight=False)
+    return 0
+
+
 def cmd_report(run_dir: Path, console: Console) -> int:
     import json
 
@@ -225,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(host, args.scenarios, Console())
         if args.command == "plugins":
             return cmd_plugins(host, Console())
+        if args.command == "compare":
+            return cmd_compare(host, args, console)
         if args.command == "report":
             return cmd_report(args.run_dir, console)
         return cmd_run(host, args, console)

@@ -1,0 +1,54 @@
+"""`testbed compare`: one table over defence configurations, training shared via the cache."""
+
+import json
+
+from test_cli import TINY
+
+from testbed.cli import main
+
+
+def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
+    none = tmp_path / "none.toml"
+    none.write_text(
+        TINY.replace('name = "tiny"', 'name = "no-dp"').replace(
+            '[dp]\nname = "paper_dp"\nparams = { clip_norm = 1.0, noise_multiplier = 0.5 }\n', ""
+        )
+    )
+    dp = tmp_path / "dp.toml"
+    dp.write_text(TINY.replace('name = "tiny"', 'name = "paper-dp"'))
+    median = tmp_path / "median.toml"
+    median.write_text(
+        TINY.replace('name = "tiny"', 'name = "median"') + '[aggregator]\nname = "median"\n'
+    )
+    out = tmp_path / "cmp"
+    args = ["compare", str(none), str(dp), str(median), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    table = json.loads((out / "compare.json").read_text())
+    assert [r["config"] for r in table["rows"]] == ["no-dp", "paper-dp", "median"]
+    assert table["attacks"] == ["PGD-3"]
+    by = {r["config"]: r for r in table["rows"]}
+    assert by["no-dp"]["epsilon"] is None and by["paper-dp"]["epsilon"] > 0
+    assert by["paper-dp"]["mechanism"] == "paper_dp"
+    md = (out / "compare.md").read_text()
+    assert "| no-dp |" in md and "AASR PGD-3" in md
+    assert (out / "compare.png").stat().st_size > 1000
+    for name in ("no-dp", "paper-dp", "median"):
+        assert (out / name / "metrics.json").exists()
+    assert "Defence comparison" in capsys.readouterr().out
+
+    # A second comparison reuses every trained federation.
+    again = tmp_path / "cmp2"
+    assert main(["compare", str(none), str(dp), "--out", str(again), "--no-progress"]) == 0
+    rows = json.loads((again / "compare.json").read_text())["rows"]
+    assert all(r["cache_hits"] == 1 for r in rows)
+
+
+def test_compare_reports_every_broken_file_before_running(tmp_path, capsys):
+    bad1 = tmp_path / "a.toml"
+    bad1.write_text(TINY.replace("rounds = 2", "rounds = 0"))
+    bad2 = tmp_path / "b.toml"
+    bad2.write_text(TINY + '[aggregator]\nname = "nope"\n')
+    assert main(["compare", str(bad1), str(bad2), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "a.toml: federation.rounds" in err and "b.toml: aggregator.name" in err
+    assert not (tmp_path / "c").exists()
