@@ -133,6 +133,14 @@ def testbed_inference_input(batch: InferenceBatch) -> None:
 
 
 @hookspec
+def testbed_attack_preprocessing(client_id: int) -> list[Any] | None:
+    """When client ``client_id`` crafts adversarial examples on its own model: ART
+    preprocessors to put in front of that model, so that an adaptive adversary attacks the
+    defended model (ART passes gradients through them, identity/BPDA where they are not
+    differentiable). Return None for a non-adaptive defence."""
+
+
+@hookspec
 def testbed_privacy_spent() -> dict[str, Any] | None:
     """After training: the privacy this plugin's mechanism spent over all rounds so far,
     as a dict with at least ``mechanism``, ``epsilon``, ``delta`` and ``accountant``."""

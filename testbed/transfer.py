@@ -100,16 +100,22 @@ def run_attack(
     Returns the metrics and one example (the first adversary's first image) for figures."""
     asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
     example: dict[str, Any] = {}
+    adaptive: list[Any] = []
     for a in adversaries:
         x, y = attack_pool(clients[a], samples, seed)
         counts.append(int(y.shape[0]))
         clean = [predict(d, x, hooks) for d in deployed]
+        adaptive = [p for ps in hooks.testbed_attack_preprocessing(client_id=a) for p in ps]
         estimator = PyTorchClassifier(
             deployed[a].model,
             loss=nn.CrossEntropyLoss(),
             input_shape=tuple(x.shape[1:]),
             nb_classes=num_classes,
             clip_values=(0.0, 1.0),
+            preprocessing_defences=adaptive or None,
+            # normalisation is inside the model; ART's own (identity) standardisation would
+            # only cost time, and in numpy it upcasts to float64
+            preprocessing=None,
             device_type="gpu" if device.type == "cuda" else "cpu",
         )
         attack = registry.build("attacks", spec.name, spec.params, estimator=estimator)
@@ -152,4 +158,6 @@ def run_attack(
         **transfer_summary(asr_rows, etr, adversaries),
         "linf_max": linf,
         "cost_s": costs,
+        # which defences the adversary's own model included when crafting (adaptive attack)
+        "adaptive_to": sorted({type(p).__name__ for p in adaptive}),
     }, example
