@@ -84,6 +84,13 @@ def testbed_register_attacks(registry: KindRegistry) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@hookspec
+def testbed_training_inputs(batch: InferenceBatch) -> None:
+    """Once per run and client, before training: ``batch.x`` holds that client's training
+    images (float pixels in [0, 1]); change them to give the client its own input
+    pipeline. Pair it with ``testbed_inference_input`` for the client's deployed model."""
+
+
 @hookspec(firstresult=True)
 def testbed_local_training(
     ctx: RoundContext, model: nn.Module, data: ClientData, cfg: LocalConfig, generator: Generator

@@ -53,7 +53,7 @@ from testbed.federation import (
 from testbed.metrics import mean_std
 from testbed.pluginmanager import Host
 from testbed.scenario import Scenario, Task, resolved_dict
-from testbed.state import derive_seed, generator
+from testbed.state import InferenceBatch, derive_seed, generator
 from testbed.transfer import clean_accuracy, deploy, run_attack
 
 SCHEMA_VERSION = 1
@@ -179,6 +179,15 @@ def staged_run_dir(final: Path, resume: bool) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------
 
 
+def _client_training_inputs(host: Host, cid: int, x: torch.Tensor) -> torch.Tensor:
+    """A client's training images through its own input pipeline, if a plugin sets one."""
+    if not host.pm.hook.testbed_training_inputs.get_hookimpls():
+        return x
+    batch = InferenceBatch(cid, x.float().div(255))
+    host.hook.testbed_training_inputs(batch=batch)
+    return batch.x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def make_clients(
     ds: ImageDataset, scenario: Scenario, host: Host, seed: int, device: torch.device
 ) -> list[ClientData]:
@@ -197,7 +206,8 @@ def make_clients(
                 f"client {cid} got {len(tr)} training and {len(te)} test images; "
                 "use fewer clients or more data"
             )
-        on = [t.to(device) for t in (ds.x[tr], ds.y[tr], ds.x[te], ds.y[te])]
+        x_train = _client_training_inputs(host, cid, ds.x[tr])
+        on = [t.to(device) for t in (x_train, ds.y[tr], ds.x[te], ds.y[te])]
         clients.append(ClientData(cid, *on))
     return clients
 
@@ -263,6 +273,33 @@ def run_repeat(
     use_cache: bool,
     examples_dir: Path,
 ) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+    per_run = [
+        host.registry.build(kind, spec.name, spec.params)
+        for _, kind, spec in scenario.components()
+        if kind in ("dp_mechanisms", "defences")
+    ]
+    with host.active(per_run):
+        return _run_repeat(
+            scenario, task, host, ds, seed, device, bars, ckpt, label, cache, use_cache,
+            examples_dir, per_run,
+        )  # fmt: skip
+
+
+def _run_repeat(
+    scenario: Scenario,
+    task: Task,
+    host: Host,
+    ds: ImageDataset,
+    seed: int,
+    device: torch.device,
+    bars: Bars,
+    ckpt: Checkpoints,
+    label: str,
+    cache: FederationCache,
+    use_cache: bool,
+    examples_dir: Path,
+    per_run: list[object],
+) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     fed = scenario.federation
     clients = make_clients(ds, scenario, host, seed, device)
     model = build_model(scenario, host, ds, seed).to(device)
@@ -272,11 +309,6 @@ def run_repeat(
     policy = UpdatePolicy(fed.max_update_norm, fed.on_excess_norm)
     agg = scenario.aggregator
     aggregator = host.registry.build("aggregators", agg.name, agg.params)
-    per_run = [
-        host.registry.build(kind, spec.name, spec.params)
-        for _, kind, spec in scenario.components()
-        if kind in ("dp_mechanisms", "defences")
-    ]
     adversaries = (
         list(range(fed.clients))
         if scenario.threat_model.adversaries == "rotate"
@@ -315,73 +347,72 @@ def run_repeat(
     attacks_bar = bars.add(f"{label} attacks", len(scenario.attacks) * len(adversaries))
     bars.reset(rounds_bar, fed.rounds, state.round)
 
-    with host.active(per_run):
-        while state.round < fed.rounds:
-            t0 = time.perf_counter()
-            bars.reset(clients_bar, fed.m)
-            state = run_round(
-                state, model, clients, cfg, aggregator, host.hook,
-                seed=seed, rounds=fed.rounds, m=fed.m, policy=policy,
-                on_client_done=lambda _: bars.advance(clients_bar),
-            )  # fmt: skip
-            round_times.append(time.perf_counter() - t0)
-            rec = state.history[-1]
-            for ev in rec["events"]:
-                log.warning("%s seed %d round %d: %s", task.name, seed, rec["round"], ev)
-            log.info(
-                "%s seed %d round %d: loss %s (%.2f s)",
-                task.name, seed, rec["round"], rec["train_loss"], round_times[-1],
-            )  # fmt: skip
-            ckpt.save_training(
-                task.name,
-                seed,
-                {
-                    "round": state.round,
-                    "global": state.global_weights.cpu(),
-                    "clients": {c: w.cpu() for c, w in state.client_weights.items()},
-                    "history": state.history,
-                    "round_s": round_times,
-                    "plugins": _plugin_states(per_run),
-                },
-            )
-            bars.advance(rounds_bar)
-        if cached is not None:
-            privacy = cached["privacy"]
-        else:
-            privacy = [p for p in host.hook.testbed_privacy_spent() if p]
-            cache.save(
-                key,
-                {
-                    "global": state.global_weights.cpu(),
-                    "clients": {c: w.cpu() for c, w in state.client_weights.items()},
-                    "history": state.history,
-                    "round_s": round_times,
-                    "privacy": privacy,
-                },
-            )
+    while state.round < fed.rounds:
+        t0 = time.perf_counter()
+        bars.reset(clients_bar, fed.m)
+        state = run_round(
+            state, model, clients, cfg, aggregator, host.hook,
+            seed=seed, rounds=fed.rounds, m=fed.m, policy=policy,
+            on_client_done=lambda _: bars.advance(clients_bar),
+        )  # fmt: skip
+        round_times.append(time.perf_counter() - t0)
+        rec = state.history[-1]
+        for ev in rec["events"]:
+            log.warning("%s seed %d round %d: %s", task.name, seed, rec["round"], ev)
+        log.info(
+            "%s seed %d round %d: loss %s (%.2f s)",
+            task.name, seed, rec["round"], rec["train_loss"], round_times[-1],
+        )  # fmt: skip
+        ckpt.save_training(
+            task.name,
+            seed,
+            {
+                "round": state.round,
+                "global": state.global_weights.cpu(),
+                "clients": {c: w.cpu() for c, w in state.client_weights.items()},
+                "history": state.history,
+                "round_s": round_times,
+                "plugins": _plugin_states(per_run),
+            },
+        )
+        bars.advance(rounds_bar)
+    if cached is not None:
+        privacy = cached["privacy"]
+    else:
+        privacy = [p for p in host.hook.testbed_privacy_spent() if p]
+        cache.save(
+            key,
+            {
+                "global": state.global_weights.cpu(),
+                "clients": {c: w.cpu() for c, w in state.client_weights.items()},
+                "history": state.history,
+                "round_s": round_times,
+                "privacy": privacy,
+            },
+        )
 
-        finals = []
-        for cid in range(fed.clients):
-            m = build_model(scenario, host, ds, seed).to(device)
-            set_weights(m, state.client_weights[cid])
-            finals.append(m)
-        deployed = deploy(finals)
-        acc = clean_accuracy(deployed, clients, host.hook)
-        attacks: dict[str, Any] = ckpt.load_json(task.name, seed, "attacks") or {}
-        bars.reset(attacks_bar, len(scenario.attacks) * len(adversaries), 0)
-        for spec in scenario.attacks:
-            if spec.label not in attacks:
-                attacks[spec.label], example = run_attack(
-                    spec, deployed, clients, adversaries, host.registry, host.hook,
-                    seed=seed, samples=scenario.threat_model.samples_per_adversary,
-                    num_classes=len(ds.classes), device=device,
-                    on_adversary_done=lambda: bars.advance(attacks_bar),
-                )  # fmt: skip
-                _torch_save_atomic(example, examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
-                ckpt.save_json(task.name, seed, "attacks", attacks)
-            else:
-                for _ in adversaries:
-                    bars.advance(attacks_bar)
+    finals = []
+    for cid in range(fed.clients):
+        m = build_model(scenario, host, ds, seed).to(device)
+        set_weights(m, state.client_weights[cid])
+        finals.append(m)
+    deployed = deploy(finals)
+    acc = clean_accuracy(deployed, clients, host.hook)
+    attacks: dict[str, Any] = ckpt.load_json(task.name, seed, "attacks") or {}
+    bars.reset(attacks_bar, len(scenario.attacks) * len(adversaries), 0)
+    for spec in scenario.attacks:
+        if spec.label not in attacks:
+            attacks[spec.label], example = run_attack(
+                spec, deployed, clients, adversaries, host.registry, host.hook,
+                seed=seed, samples=scenario.threat_model.samples_per_adversary,
+                num_classes=len(ds.classes), device=device,
+                on_adversary_done=lambda: bars.advance(attacks_bar),
+            )  # fmt: skip
+            _torch_save_atomic(example, examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
+            ckpt.save_json(task.name, seed, "attacks", attacks)
+        else:
+            for _ in adversaries:
+                bars.advance(attacks_bar)
     events = [{"round": r["round"], **e} for r in state.history for e in r["events"]]
     metrics = {
         "seed": seed,
