@@ -54,7 +54,8 @@ def run(tmp_path: Path, scenario: Path, name: str, *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())["tasks"]["synthetic"]["repeats"][0]
 
 
-def test_attack_only_changes_hit_the_cache_training_changes_miss(tmp_path):
+def test_attack_only_changes_hit_the_cache_training_changes_miss(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))  # empty: first run trains
     first = run(tmp_path, scenario_file(tmp_path, TINY), "a")
     assert first["cache"]["hit"] is False
 
