@@ -3,16 +3,18 @@
 import json
 
 import pytest
-
 from test_cli import TINY
+
 from testbed.cli import main
 
 # The task is *named* like the paper's, so the report sets it beside Tables I and II.
-SWEEP_RUN = TINY.replace(
-    '[data]\nname = "synthetic"\nparams = { n_samples = 90, image_size = 16 }',
-    '[[tasks]]\nname = "meningioma"\n[tasks.data]\nname = "synthetic"\n'
-    "params = { n_samples = 90, image_size = 16 }",
-).replace("[report]\nplots = false", "[report]\nplots = true") + """
+SWEEP_RUN = (
+    TINY.replace(
+        '[data]\nname = "synthetic"\nparams = { n_samples = 90, image_size = 16 }',
+        '[[tasks]]\nname = "meningioma"\n[tasks.data]\nname = "synthetic"\n'
+        "params = { n_samples = 90, image_size = 16 }",
+    ).replace("[report]\nplots = false", "[report]\nplots = true")
+    + """
 [[attacks]]
 name = "fgsm"
 params = { eps = 0.03 }
@@ -23,6 +25,7 @@ name = "pgd"
 params = { eps = 0.03, eps_step = 0.007 }
 sweep = { max_iter = [1, 2, 4] }
 """
+)
 
 
 @pytest.fixture(scope="module")
