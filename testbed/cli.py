@@ -179,7 +179,9 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
     def on_start(run_dir: Path) -> None:
         started.append(run_dir)
         console.print(
-            f"Run folder: {run_dir} (complete when metrics.json is there)", highlight=False
+            f"Run folder: {run_dir} (complete when metrics.json is there)",
+            markup=False,
+            highlight=False,
         )
 
     try:
