@@ -11,8 +11,10 @@ import torch
 from conftest import REPO
 from opacus.accountants import RDPAccountant
 from pydantic import ValidationError
+from test_cli import strip_timing
 from torch import nn
 
+from testbed import hookimpl
 from testbed.builtins.dpsgd import DPSGD, DPSGDParams
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
 from testbed.cli import main
@@ -103,6 +105,8 @@ def test_params_need_exactly_one_of_noise_multiplier_and_target_epsilon():
         DPSGDParams(noise_multiplier=1.0, target_epsilon=3.0)
     with pytest.raises(ValidationError):
         DPSGDParams(noise_multiplier=1.0, grad_sample_mode="ew")
+    with pytest.raises(ValidationError, match="needs noise"):
+        DPSGDParams(noise_multiplier=0.0, budget_epsilon=1.0)
     assert DPSGDParams(target_epsilon=3.0).accountant == "rdp"
 
 
@@ -130,22 +134,28 @@ def test_same_seed_reproduces_noise_changes_the_result_and_engine_model_stays_pl
 
 
 @pytest.mark.parametrize("mode", ["functorch", "ghost", "ghost-opacus"])
-def test_every_mode_clips_like_opacus_hooks(mode):
-    # Without noise, the update depends only on the clipped per-example gradients: every
-    # mode (and testbed's lean ghost driver) must give Opacus' hooks-mode result. Wider
-    # convolutions so that testbed's grouped-convolution per-example gradients are used.
+@pytest.mark.parametrize("z", [0.0, 1.0])
+def test_every_mode_clips_and_noises_like_opacus_hooks(mode, z):
+    # The update depends only on the clipped per-example gradients and the noise (drawn
+    # from the same seeded generator): every mode, and testbed's lean ghost driver, must
+    # give Opacus' hooks-mode result. Wider convolutions so that testbed's grouped-
+    # convolution per-example gradients are used; 3 images at sample rate 1/3 for 12
+    # steps draw empty Poisson batches too (noise-only steps).
     conv = (4, 16, 16, 16, 16, 16)
+    tiny_batches = LocalConfig(4, 1, 0.05, 0.9, 0.0, Augment(hflip=True, rotate_degrees=5))
 
-    def once(grad_sample_mode: str, lean: bool = True) -> torch.Tensor:
-        m = mech(noise_multiplier=0.0, max_grad_norm=0.05, grad_sample_mode=grad_sample_mode)
-        m.lean_ghost = lean
+    def once(grad_sample_mode: str, d: ClientData, cfg: LocalConfig) -> torch.Tensor:
+        m = mech(noise_multiplier=z, max_grad_norm=0.05, grad_sample_mode=grad_sample_mode)
+        m.lean_ghost = mode != "ghost-opacus"
         model = tiny_model(conv)
-        train(m, model, ctx(), data())
+        train(m, model, ctx(), d, cfg)
+        assert m.round_steps[0] == cfg.epochs * math.ceil(d.n_train / cfg.batch_size)
         return get_weights(model)
 
-    ref = once("hooks")
-    got = once("ghost", lean=False) if mode == "ghost-opacus" else once(mode)
-    assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
+    for d, cfg in ((data(), CFG), (data(n=3), tiny_batches)):
+        ref = once("hooks", d, cfg)
+        got = once("ghost" if mode == "ghost-opacus" else mode, d, cfg)
+        assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_update_is_clipped_per_example():
@@ -167,11 +177,11 @@ def test_epsilon_grows_over_rounds_and_matches_opacus_rdp_by_hand():
     eps = [r["epsilon"]["0"] for r in records]
     assert 0 < eps[0] < eps[1] < eps[2]
     assert [r["steps"]["0"] for r in records] == [3, 3, 3]
-    for k, e in enumerate(eps, start=1):
+    for k in (1, 3):
         acc = RDPAccountant()
-        for _ in range(3 * k):
+        for _ in range(3 * k):  # 3 batches per epoch, 1 epoch per round
             acc.step(noise_multiplier=1.1, sample_rate=1 / 3)
-        assert e == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+        assert eps[k - 1] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
 
 
 def test_budget_epsilon_stops_a_client_with_a_zero_update():
@@ -194,12 +204,22 @@ def test_budget_epsilon_stops_a_client_with_a_zero_update():
 
 
 def test_target_epsilon_is_reached_over_the_planned_rounds():
+    m = mech(target_epsilon=4.0, delta=1e-5)
+    run_rounds(m, 3, total=3)
+    spent = m.testbed_privacy_spent()
+    assert 0.9 * 4.0 <= spent["epsilon"] <= 4.0
+    assert spent["noise_multiplier"] == spent["noise_multiplier_per_client"][0] > 0
+
+
+def test_prv_accountant_is_tighter_than_rdp():
+    eps = {}
     for accountant in ("rdp", "prv"):
-        m = mech(target_epsilon=4.0, delta=1e-5, accountant=accountant)
-        run_rounds(m, 3, total=3)
+        m = mech(noise_multiplier=1.0, accountant=accountant)
+        run_rounds(m, 2)
         spent = m.testbed_privacy_spent()
-        assert 0.9 * 4.0 <= spent["epsilon"] <= 4.0
-        assert spent["noise_multiplier"] == spent["noise_multiplier_per_client"][0] > 0
+        assert spent["accountant"] == accountant
+        eps[accountant] = spent["epsilon"]
+    assert 0 < eps["prv"] < eps["rdp"]
 
 
 def test_state_dict_round_trip_continues_the_accounting_identically():
@@ -232,27 +252,33 @@ def test_batchnorm_model_is_rejected():
         train(mech(), model, ctx(), data())
 
 
+SHRINK = [
+    "data.params.n_samples=90",
+    "data.params.image_size=16",
+    "model.params.conv_channels=[4, 4, 8, 8, 8, 8]",
+    "model.params.fc_units=[16, 16, 16, 8]",
+    "federation.rounds=2",
+    "federation.local_epochs=1",
+    "federation.batch_size=8",
+    "federation.device=cpu",
+    "threat_model.samples_per_adversary=10",
+    "attacks.1.params.max_iter=2",
+    "evaluation.repeats=1",
+    "report.plots=false",
+]
+
+
+def run_shrunk(out, *extra: str) -> dict:
+    """scenarios/defenses/dp_sgd.toml, shrunk to a few seconds, through the CLI."""
+    argv = ["run", str(REPO / "scenarios" / "defenses" / "dp_sgd.toml"), "--out", str(out)]
+    argv += ["--no-progress", "--no-cache", *(a for s in [*SHRINK, *extra] for a in ("--set", s))]
+    assert main(argv) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
 def test_registered_and_end_to_end_run_reports_privacy(tmp_path):
     assert "dp_sgd" in build_host(autoload=False).registry["dp_mechanisms"].names()
-
-    shrink = [
-        "data.params.n_samples=90",
-        "data.params.image_size=16",
-        "model.params.conv_channels=[4, 4, 8, 8, 8, 8]",
-        "model.params.fc_units=[16, 16, 16, 8]",
-        "federation.rounds=2",
-        "federation.local_epochs=1",
-        "federation.batch_size=8",
-        "federation.device=cpu",
-        "threat_model.samples_per_adversary=10",
-        "attacks.1.params.max_iter=2",
-        "evaluation.repeats=1",
-        "report.plots=false",
-    ]
-    argv = ["run", str(REPO / "scenarios" / "defenses" / "dp_sgd.toml")]
-    argv += ["--out", str(tmp_path / "run"), "--no-progress", "--no-cache"]
-    assert main(argv + [a for s in shrink for a in ("--set", s)]) == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = run_shrunk(tmp_path / "run")
     rep = metrics["tasks"]["synthetic"]["repeats"][0]
     (privacy,) = rep["privacy"]
     assert privacy["mechanism"] == "dp_sgd" and privacy["level"] == "example"
@@ -262,3 +288,26 @@ def test_registered_and_end_to_end_run_reports_privacy(tmp_path):
     last = rep["rounds"][-1]["dp_sgd"]
     assert set(last["epsilon"]) == {"0", "1", "2"} and not any(last["stopped"].values())
     assert metrics["tasks"]["synthetic"]["summary"]["epsilon"]["mean"] == privacy["epsilon"]
+
+
+def test_interrupted_run_resumes_with_identical_accounting(tmp_path, monkeypatch):
+    rounds = "federation.rounds=3"
+    want = run_shrunk(tmp_path / "ref", rounds)
+    round_end = DPSGD.testbed_round_end
+
+    def crash_in_round_2(self, ctx, record):  # after round 2 trained, before its checkpoint
+        if ctx.round == 2:
+            raise KeyboardInterrupt
+        round_end(self, ctx, record)
+
+    monkeypatch.setattr(DPSGD, "testbed_round_end", hookimpl(crash_in_round_2))
+    out = tmp_path / "crashed"
+    argv = ["run", str(REPO / "scenarios" / "defenses" / "dp_sgd.toml"), "--out", str(out)]
+    argv += ["--no-progress", "--no-cache"]
+    assert main(argv + [a for s in [*SHRINK, rounds] for a in ("--set", s)]) != 0
+    assert (tmp_path / ".crashed.partial" / "checkpoint").is_dir()
+    monkeypatch.setattr(DPSGD, "testbed_round_end", round_end)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    assert strip_timing(got) == strip_timing(want)
+    assert got["tasks"]["synthetic"]["repeats"][0]["privacy"][0]["rounds_accounted"] == 3

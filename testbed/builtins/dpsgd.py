@@ -26,6 +26,7 @@ the seeded global RNG (dropout), so a seed reproduces a run exactly on a given d
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -58,7 +59,7 @@ class DPSGDParams(Params):
         gt=0,
         description="Instead of z: the noise multiplier that spends this epsilon over all "
         "planned steps (rounds x local epochs x batches per epoch), as Opacus' "
-        "make_private_with_epsilon.",
+        "make_private_with_epsilon; a client sampled in fewer rounds spends less.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="C: bound on each example's gradient.")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported (eps, delta).")
@@ -86,6 +87,8 @@ class DPSGDParams(Params):
     def _one_noise_source(self) -> DPSGDParams:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.budget_epsilon is not None and self.noise_multiplier == 0:
+            raise ValueError("budget_epsilon needs noise: with noise_multiplier 0 no client trains")
         return self
 
 
@@ -97,11 +100,20 @@ def _history_to_state(acc: IAccountant) -> dict[str, Any]:
     }
 
 
-def _epsilon(acc: IAccountant, delta: float) -> float:
-    if not acc.history:
+History = tuple[tuple[float, float, int], ...]
+"""An Opacus accountant's history: (noise multiplier, sample rate, steps) entries."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(accountant: str, delta: float, history: History) -> float:
+    """Epsilon after ``history``; cached: Opacus' RDP conversion takes ~0.3 s in Python, and
+    clients of equal size share histories."""
+    if not history:
         return 0.0
-    if any(z == 0 for z, _, _ in acc.history):
+    if any(z == 0 for z, _, _ in history):
         return math.inf
+    acc = create_accountant(accountant)
+    acc.history = list(history)
     with warnings.catch_warnings():
         # With tiny noise the optimum sits at Opacus' smallest RDP order; the epsilon is
         # then huge either way, and the report shows it.
@@ -136,33 +148,43 @@ class DPSGD:
             self.accountants[cid] = create_accountant(self.p.accountant)
         return self.accountants[cid]
 
+    def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
+        key = tuple((float(z), float(q), int(k)) for z, q, k in history)
+        return _epsilon(self.p.accountant, self.p.delta, key)
+
     def epsilon_of(self, cid: int) -> float:
         acc = self.accountants.get(cid)
-        return 0.0 if acc is None else _epsilon(acc, self.p.delta)
+        return 0.0 if acc is None else self._epsilon(acc.history)
 
     def _noise_for(self, cid: int, sample_rate: float, planned_steps: int) -> float:
         if self.p.noise_multiplier is not None:
             return self.p.noise_multiplier
         if cid not in self.noise:
-            # make_private_with_epsilon's calibration, over the whole run's planned steps.
-            self.noise[cid] = float(
-                get_noise_multiplier(
-                    target_epsilon=self.p.target_epsilon,
-                    target_delta=self.p.delta,
-                    sample_rate=sample_rate,
-                    steps=planned_steps,
-                    accountant=self.p.accountant,
+            # make_private_with_epsilon's calibration, over the whole run's planned steps
+            # (its bisection tries huge multipliers, whose optimum is the largest order).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                self.noise[cid] = float(
+                    get_noise_multiplier(
+                        target_epsilon=self.p.target_epsilon,
+                        target_delta=self.p.delta,
+                        sample_rate=sample_rate,
+                        steps=planned_steps,
+                        accountant=self.p.accountant,
+                    )
                 )
-            )
         return self.noise[cid]
 
     def _over_budget(self, cid: int, z: float, sample_rate: float, steps: int) -> bool:
         """Would this round's steps take the client's epsilon above budget_epsilon?"""
         if self.p.budget_epsilon is None:
             return False
-        trial = create_accountant(self.p.accountant)
-        trial.history = [*self._accountant(cid).history, (z, sample_rate, steps)]
-        return _epsilon(trial, self.p.delta) > self.p.budget_epsilon
+        history = self._accountant(cid).history
+        if history and history[-1][:2] == (z, sample_rate):  # as Opacus' step merges them
+            trial = [*history[:-1], (z, sample_rate, history[-1][2] + steps)]
+        else:
+            trial = [*history, (z, sample_rate, steps)]
+        return self._epsilon(trial) > self.p.budget_epsilon
 
     # ----------------------------------------------------------------------------------
     # Local training
@@ -241,6 +263,31 @@ class DPSGD:
             dp_model, dp_opt, dp_loader = out
             step = _opacus_step(nn.CrossEntropyLoss())
 
+        try:
+            taken, loss_sum, seen = self._epochs(
+                dp_model, dp_opt, dp_loader, step, data, cfg, generator
+            )
+        finally:
+            dp_model.cleanup()  # Opacus' hooks and per-parameter attributes
+        if taken != steps:
+            raise RuntimeError(f"dp_sgd: planned {steps} steps, took {taken}")
+        with torch.no_grad():
+            for dst, src in zip(model.parameters(), local.parameters(), strict=True):
+                dst.copy_(src)
+        self.round_steps[cid] = taken
+        return float(loss_sum) / max(seen, 1)
+
+    def _epochs(
+        self,
+        dp_model: Any,
+        dp_opt: Any,
+        dp_loader: DataLoader,
+        step: Step,
+        data: ClientData,
+        cfg: LocalConfig,
+        generator: torch.Generator,
+    ) -> tuple[int, torch.Tensor, int]:
+        device = data.x_train.device
         aug = cfg.augment
         loss_sum, seen, taken = torch.zeros((), device=device), 0, 0
         with warnings.catch_warnings():
@@ -254,19 +301,21 @@ class DPSGD:
                     x = augment(x, generator, aug.hflip, aug.vflip, aug.rotate_degrees)
                     y = data.y_train[idx]
                     dp_opt.zero_grad(set_to_none=True)
-                    loss = step(dp_model, x, y)
+                    if len(idx) == 0 and self.p.grad_sample_mode == "functorch":
+                        # Poisson sampling drew no image (the step still adds noise and
+                        # counts); Opacus' functorch path cannot vmap over an empty batch.
+                        for p in dp_model.parameters():
+                            if p.requires_grad:
+                                p.grad_sample = p.new_zeros((0, *p.shape))
+                        loss = None
+                    else:
+                        loss = step(dp_model, x, y)
                     dp_opt.step()  # clip, add noise, step the client's accountant
                     taken += 1
-                    if len(idx):
+                    if loss is not None and len(idx):
                         loss_sum += loss * len(idx)
                         seen += len(idx)
-        if taken != steps:
-            raise RuntimeError(f"dp_sgd: planned {steps} steps, took {taken}")
-        with torch.no_grad():
-            for dst, src in zip(model.parameters(), local.parameters(), strict=True):
-                dst.copy_(src)
-        self.round_steps[cid] = taken
-        return float(loss_sum) / max(seen, 1)
+        return taken, loss_sum, seen
 
     # ----------------------------------------------------------------------------------
     # Reporting and checkpoints
