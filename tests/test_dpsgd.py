@@ -308,6 +308,7 @@ def test_interrupted_run_resumes_with_identical_accounting(tmp_path, monkeypatch
     assert (tmp_path / ".crashed.partial" / "checkpoint").is_dir()
     monkeypatch.setattr(DPSGD, "testbed_round_end", round_end)
     assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    assert "resumed after round 1" in (out / "run.log").read_text()
     got = json.loads((out / "metrics.json").read_text())
     assert strip_timing(got) == strip_timing(want)
     assert got["tasks"]["synthetic"]["repeats"][0]["privacy"][0]["rounds_accounted"] == 3
