@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override federation.device")
     run.add_argument(
+        "--engine",
+        choices=["inprocess", "flower"],
+        help="override engine.name: train in this process, or on Flower's simulation engine",
+    )
+    run.add_argument(
         "--data-root", type=Path, help=f"folder holding the datasets (or ${DATA_ROOT_ENV})"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -165,6 +170,8 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
         )
     if args.device is not None:
         updates["federation"] = scenario.federation.model_copy(update={"device": args.device})
+    if args.engine is not None:
+        updates["engine"] = scenario.engine.model_copy(update={"name": args.engine})
     if args.task:
         known = [t.name for t in scenario.task_list()]
         unknown = [t for t in args.task if t not in known]

@@ -231,6 +231,52 @@ def _norm(delta: object) -> float | None:
     return float(torch.linalg.vector_norm(delta)) if isinstance(delta, torch.Tensor) else None
 
 
+def round_context(
+    state: FederationState, clients: Sequence[ClientData], *, seed: int, rounds: int, m: int
+) -> RoundContext:
+    """The next round's context: which clients are sampled and their aggregation weights."""
+    rnd = state.round + 1
+    sampled = sample_clients(seed, rnd, len(clients), m)
+    total = sum(clients[c].n_train for c in sampled)
+    return RoundContext(
+        seed=seed,
+        round=rnd,
+        rounds=rounds,
+        n_clients=len(clients),
+        sampled=sampled,
+        weights={c: clients[c].n_train / total for c in sampled},
+    )
+
+
+def finish_round(
+    state: FederationState,
+    ctx: RoundContext,
+    updates: Sequence[ClientUpdate],
+    aggregator: Aggregator,
+    hooks: Any,
+    policy: UpdatePolicy,
+    events: Sequence[dict[str, Any]] = (),
+) -> FederationState:
+    """The server's half of a round, whichever engine ran the clients: aggregate, build the
+    downloads and the round's record. ``events`` are the engine's own (e.g. a lost reply)."""
+    new_global, downloads, aggregate = server_step(
+        state.global_weights, updates, aggregator, ctx, hooks, policy
+    )
+    record: dict[str, Any] = {
+        "round": ctx.round,
+        "sampled": list(ctx.sampled),
+        "included": aggregate.included,
+        "dropped": {str(u.client_id): u.dropped for u in updates if u.dropped},
+        "events": [*events, *aggregate.events],
+        "train_loss": {str(u.client_id): u.loss for u in updates},
+        "update_norm": {
+            str(u.client_id): u.info.get("norm_before_clip", _norm(u.delta)) for u in updates
+        },
+    }
+    hooks.testbed_round_end(ctx=ctx, record=record)
+    return FederationState(ctx.round, new_global, downloads, [*state.history, record])
+
+
 def run_round(
     state: FederationState,
     model: nn.Module,
@@ -245,35 +291,11 @@ def run_round(
     policy: UpdatePolicy = UpdatePolicy(),
     on_client_done: Callable[[int], None] | None = None,
 ) -> FederationState:
-    rnd = state.round + 1
-    sampled = sample_clients(seed, rnd, len(clients), m)
-    total = sum(clients[c].n_train for c in sampled)
-    ctx = RoundContext(
-        seed=seed,
-        round=rnd,
-        rounds=rounds,
-        n_clients=len(clients),
-        sampled=sampled,
-        weights={c: clients[c].n_train / total for c in sampled},
-    )
+    """One round with every sampled client trained in this process, one after another."""
+    ctx = round_context(state, clients, seed=seed, rounds=rounds, m=m)
     updates = []
-    for cid in sampled:
+    for cid in ctx.sampled:
         updates.append(client_step(model, state.client_weights[cid], clients[cid], cfg, ctx, hooks))
         if on_client_done:
             on_client_done(cid)
-    new_global, downloads, aggregate = server_step(
-        state.global_weights, updates, aggregator, ctx, hooks, policy
-    )
-    record: dict[str, Any] = {
-        "round": rnd,
-        "sampled": list(sampled),
-        "included": aggregate.included,
-        "dropped": {str(u.client_id): u.dropped for u in updates if u.dropped},
-        "events": aggregate.events,
-        "train_loss": {str(u.client_id): u.loss for u in updates},
-        "update_norm": {
-            str(u.client_id): u.info.get("norm_before_clip", float(u.delta.norm())) for u in updates
-        },
-    }
-    hooks.testbed_round_end(ctx=ctx, record=record)
-    return FederationState(rnd, new_global, downloads, [*state.history, record])
+    return finish_round(state, ctx, updates, aggregator, hooks, policy)

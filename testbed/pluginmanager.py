@@ -37,6 +37,8 @@ class Host:
     registry: Registry
     sources: dict[str, tuple[str, str]]
     """Plugin name -> (distribution, version) for plugins loaded from entry points."""
+    modules: tuple[str, ...] = ()
+    """Plugin modules named with -p or TESTBED_PLUGINS (a Flower ClientApp loads them too)."""
 
     @property
     def hook(self) -> Any:
@@ -163,7 +165,7 @@ def build_host(
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
-    return Host(pm, collect_registry(pm), sources)
+    return Host(pm, collect_registry(pm), sources, tuple(n.strip() for n in names))
 
 
 def collect_registry(pm: pluggy.PluginManager) -> Registry:

@@ -40,13 +40,13 @@ from testbed.builtins.datasets import cache_dir
 from testbed.builtins.partitioners import split_train_test
 from testbed.cache import FederationCache, training_key
 from testbed.data import ImageDataset
+from testbed.engines import Engine, InProcess, TrainingSetup
 from testbed.federation import (
     ClientData,
     FederationState,
     LocalConfig,
     UpdatePolicy,
     get_weights,
-    run_round,
     seeded,
     set_weights,
 )
@@ -259,47 +259,46 @@ class Bars:
             self.progress.reset(task, total=total, completed=completed)
 
 
-def run_repeat(
-    scenario: Scenario,
-    task: Task,
-    host: Host,
-    ds: ImageDataset,
-    seed: int,
-    device: torch.device,
-    bars: Bars,
-    ckpt: Checkpoints,
-    label: str,
-    cache: FederationCache,
-    use_cache: bool,
-    examples_dir: Path,
-) -> tuple[dict[str, Any], list[torch.nn.Module]]:
-    per_run = [
+@dataclass(frozen=True)
+class Repeat:
+    """One (task, seed) of a run and where its results go."""
+
+    scenario: Scenario
+    task: Task
+    host: Host
+    ds: ImageDataset
+    seed: int
+    device: torch.device
+    data_root: Path | None
+    engine: Engine
+    bars: Bars
+    ckpt: Checkpoints
+    label: str
+    cache: FederationCache
+    use_cache: bool
+    examples_dir: Path
+
+
+def per_run_objects(scenario: Scenario, host: Host) -> list[object]:
+    """A fresh DP mechanism and defence objects for one repeat (they hold its state)."""
+    return [
         host.registry.build(kind, spec.name, spec.params)
         for _, kind, spec in scenario.components()
         if kind in ("dp_mechanisms", "defences")
     ]
-    with host.active(per_run):
-        return _run_repeat(
-            scenario, task, host, ds, seed, device, bars, ckpt, label, cache, use_cache,
-            examples_dir, per_run,
-        )  # fmt: skip
 
 
-def _run_repeat(
-    scenario: Scenario,
-    task: Task,
-    host: Host,
-    ds: ImageDataset,
-    seed: int,
-    device: torch.device,
-    bars: Bars,
-    ckpt: Checkpoints,
-    label: str,
-    cache: FederationCache,
-    use_cache: bool,
-    examples_dir: Path,
-    per_run: list[object],
-) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+def run_repeat(job: Repeat) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+    per_run = per_run_objects(job.scenario, job.host)
+    with job.host.active(per_run):
+        return _run_repeat(job, per_run)
+
+
+def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+    scenario, task, host, ds, seed, device = (
+        job.scenario, job.task, job.host, job.ds, job.seed, job.device
+    )  # fmt: skip
+    bars, ckpt, label, cache = job.bars, job.ckpt, job.label, job.cache
     fed = scenario.federation
     clients = make_clients(ds, scenario, host, seed, device)
     model = build_model(scenario, host, ds, seed).to(device)
@@ -317,7 +316,7 @@ def _run_repeat(
 
     key = training_key(scenario, task, seed, device)
     saved = ckpt.load_training(task.name, seed)
-    cached = cache.load(key) if saved is None and use_cache else None
+    cached = cache.load(key) if saved is None and job.use_cache else None
     if cached is not None:
         state = FederationState(
             fed.rounds,
@@ -347,14 +346,18 @@ def _run_repeat(
     attacks_bar = bars.add(f"{label} attacks", len(scenario.attacks) * len(adversaries))
     bars.reset(rounds_bar, fed.rounds, state.round)
 
+    if state.round < fed.rounds:
+        setup = TrainingSetup(
+            scenario, task, seed, device, job.data_root, host, model, clients, cfg,
+            aggregator, policy, per_run,
+        )  # fmt: skip
+        step = job.engine.round_step(setup)
     while state.round < fed.rounds:
         t0 = time.perf_counter()
         bars.reset(clients_bar, fed.m)
-        state = run_round(
-            state, model, clients, cfg, aggregator, host.hook,
-            seed=seed, rounds=fed.rounds, m=fed.m, policy=policy,
-            on_client_done=lambda _: bars.advance(clients_bar),
-        )  # fmt: skip
+        state = step(state, lambda _: bars.advance(clients_bar))
+        if scenario.report.save_round_weights:
+            _save_round_weights(job, state)
         round_times.append(time.perf_counter() - t0)
         rec = state.history[-1]
         for ev in rec["events"]:
@@ -408,7 +411,7 @@ def _run_repeat(
                 num_classes=len(ds.classes), device=device,
                 on_adversary_done=lambda: bars.advance(attacks_bar),
             )  # fmt: skip
-            _torch_save_atomic(example, examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
+            _torch_save_atomic(example, job.examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
             ckpt.save_json(task.name, seed, "attacks", attacks)
         else:
             for _ in adversaries:
@@ -437,6 +440,16 @@ def _run_repeat(
         "timing": {"round_s": round_times, "train_s": sum(round_times)},
     }
     return metrics, finals
+
+
+def _save_round_weights(job: Repeat, state: FederationState) -> None:
+    """The global model after each round (report.save_round_weights), for trajectory
+    analysis and the engines' equivalence test."""
+    wdir = job.ckpt.root.parent / "weights" / job.task.name
+    wdir.mkdir(parents=True, exist_ok=True)
+    _torch_save_atomic(
+        state.global_weights.cpu(), wdir / f"seed{job.seed}_round{state.round}_global.pt"
+    )
 
 
 def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -476,6 +489,7 @@ def run_task(
     bars: Bars,
     run_dir: Path,
     use_cache: bool,
+    engine: Engine,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = task.data
@@ -496,10 +510,11 @@ def run_task(
         label = task.name + (f" [{r + 1}/{len(seeds)}]" if len(seeds) > 1 else "")
         examples_dir = run_dir / "examples" / task.name
         examples_dir.mkdir(parents=True, exist_ok=True)
-        metrics, finals = run_repeat(
-            scenario, task, host, ds, seed, device, bars, ckpt, label, cache, use_cache,
-            examples_dir,
+        job = Repeat(
+            scenario, task, host, ds, seed, device, data_root, engine, bars, ckpt, label,
+            cache, use_cache, examples_dir,
         )  # fmt: skip
+        metrics, finals = run_repeat(job)
         if scenario.report.save_weights:
             wdir = run_dir / "weights" / task.name
             wdir.mkdir(parents=True, exist_ok=True)
@@ -582,7 +597,11 @@ def run_scenario(
     show_progress: bool = True,
     on_start: Callable[[Path], None] | None = None,
     use_cache: bool = True,
+    engine: Engine | None = None,
 ) -> RunResult:
+    """Run every task and seed of the scenario into a run folder. ``engine`` defaults to
+    the scenario's: in-process, or a Flower simulation started here for the whole run; a
+    Flower ServerApp passes its own (deployment)."""
     console = console or Console(stderr=True)
     device = resolve_device(scenario.federation.device)
     final_dir = out or default_run_dir(scenario)
@@ -597,13 +616,26 @@ def run_scenario(
         try:
             if not resume:
                 write_json(run_dir / "scenario.json", resolved_dict(scenario))
-            tasks = {}
-            progress = make_progress(console) if show_progress else None
-            with progress if progress is not None else nullcontext():
-                for task in scenario.task_list():
-                    tasks[task.name] = run_task(
-                        scenario, task, host, data_root, device, Bars(progress), run_dir, use_cache
-                    )
+
+            def run_tasks(engine: Engine) -> dict[str, Any]:
+                tasks = {}
+                progress = make_progress(console) if show_progress else None
+                with progress if progress is not None else nullcontext():
+                    for task in scenario.task_list():
+                        tasks[task.name] = run_task(
+                            scenario, task, host, data_root, device, Bars(progress), run_dir,
+                            use_cache, engine,
+                        )  # fmt: skip
+                return tasks
+
+            if engine is not None:
+                tasks = run_tasks(engine)
+            elif scenario.engine.name == "flower":
+                from testbed.flower.simulation import simulate
+
+                tasks = simulate(scenario, host, data_root, device, run_tasks)
+            else:
+                tasks = run_tasks(InProcess())
             result = {
                 "schema_version": SCHEMA_VERSION,
                 "testbed_version": __version__,
@@ -611,6 +643,7 @@ def run_scenario(
                 "seeds": scenario.seeds(),
                 "tasks": tasks,
                 "hardware": hardware(device),
+                "engine": scenario.engine.model_dump(mode="json"),
                 "timing": {"total_s": time.perf_counter() - t_start},
             }
             result = json.loads(json.dumps(_json_safe(result)))

@@ -154,6 +154,28 @@ class Report(Strict):
     out_dir: str = Field("reports", description="Parent of run folders (relative to cwd).")
     plots: bool = True
     save_weights: bool = True
+    save_round_weights: bool = Field(
+        False, description="Also save the global model after every round (weights/)."
+    )
+
+
+class Engine(Strict):
+    """Who runs the clients: this process, or Flower's simulation engine (Ray)."""
+
+    name: Literal["inprocess", "flower"] = "inprocess"
+    client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per simulated client.")
+    client_gpus: float = Field(0.0, ge=0, description="Ray GPUs (fraction) per client.")
+    ray_init_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra ray.init arguments (e.g. num_cpus)."
+    )
+    timeout_s: float = Field(
+        3600.0, gt=0, description="How long the server waits for a round's replies."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_only(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
 
 
 class Scenario(Strict):
@@ -172,6 +194,9 @@ class Scenario(Strict):
     attacks: list[Attack] = Field(default_factory=list)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     report: Report = Field(default_factory=Report)
+    engine: Engine = Field(
+        default_factory=Engine, description='"inprocess" (default) or "flower", or a table.'
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:

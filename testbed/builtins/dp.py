@@ -69,6 +69,13 @@ class PaperDP:
         noise = torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device)
         broadcast.weights = w + noise * self.noise_std
 
+    def client_state(self, cid: int) -> None:
+        """Nothing per client: the client side (uplink clipping) keeps no state."""
+        return None
+
+    def load_client_state(self, cid: int, state: None) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the privacy accounting after a crash."""
         return {

@@ -372,6 +372,31 @@ class DPSGD:
             "note": note,
         }
 
+    def client_state(self, cid: int) -> dict[str, Any]:
+        """What this object keeps about one client, for an engine that trains the client in
+        another process (Flower): its accountant, noise multiplier, stop round and steps."""
+        acc = self.accountants.get(cid)
+        return {
+            "accountant": None if acc is None else _history_to_state(acc),
+            "noise": self.noise.get(cid),
+            "stopped": self.stopped.get(cid),
+            "steps": self.round_steps.get(cid),
+        }
+
+    def load_client_state(self, cid: int, state: dict[str, Any]) -> None:
+        for attr, value in (
+            ("accountants", None if state["accountant"] is None else
+             self._accountant_from(state["accountant"])),
+            ("noise", state["noise"]),
+            ("stopped", state["stopped"]),
+            ("round_steps", state["steps"]),
+        ):  # fmt: skip
+            table = getattr(self, attr)
+            if value is None:
+                table.pop(cid, None)
+            else:
+                table[cid] = value
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the per-client accounting after a crash."""
         return {
@@ -381,16 +406,17 @@ class DPSGD:
             "rounds": self.rounds,
         }
 
+    def _accountant_from(self, st: dict[str, Any]) -> IAccountant:
+        acc = create_accountant(self.p.accountant)
+        if st["mechanism"] != acc.mechanism():
+            raise ValueError(f"saved accountant {st['mechanism']!r}, scenario {acc.mechanism()!r}")
+        acc.history = [(float(z), float(q), int(k)) for z, q, k in st["history"]]
+        return acc
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.accountants = {}
-        for c, st in state["accountants"].items():
-            acc = create_accountant(self.p.accountant)
-            if st["mechanism"] != acc.mechanism():
-                raise ValueError(
-                    f"checkpoint accountant {st['mechanism']!r}, scenario {acc.mechanism()!r}"
-                )
-            acc.history = [(float(z), float(q), int(k)) for z, q, k in st["history"]]
-            self.accountants[int(c)] = acc
+        self.accountants = {
+            int(c): self._accountant_from(st) for c, st in state["accountants"].items()
+        }
         self.noise = {int(c): float(z) for c, z in state["noise"].items()}
         self.stopped = {int(c): int(r) for c, r in state["stopped"].items()}
         self.rounds = int(state["rounds"])
