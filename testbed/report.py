@@ -4,6 +4,7 @@ the same tables as Markdown (report.md). `testbed report RUN_DIR` re-renders bot
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,21 +49,38 @@ def _stat_secs(stat: dict[str, Any]) -> str:
     return f"{m:.3f} s" + (f" ± {_num(stat['std']):.3f}" if stat.get("n", 1) > 1 else "")
 
 
+WIDE = 8
+"""Above this many clients, tables show the spread over clients instead of one column each."""
+
+
 def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
     repeats = task["repeats"]
     n_clients = len(repeats[0]["acc"])
     out = []
 
-    acc = TableData(
-        f"{title}: clean accuracy per client (own test split)",
-        ["seed", *[f"client {c}" for c in range(n_clients)], "mean", "federation"],
-    )
+    wide = n_clients > WIDE
+    if wide:  # one column per client would not fit: the spread (all values in metrics.json)
+        acc = TableData(
+            f"{title}: clean accuracy over {n_clients} clients (own test split)",
+            ["seed", "min", "median", "max", "mean", "federation"],
+        )
+    else:
+        acc = TableData(
+            f"{title}: clean accuracy per client (own test split)",
+            ["seed", *[f"client {c}" for c in range(n_clients)], "mean", "federation"],
+        )
     for r in repeats:
         cache = r.get("cache", {})
+        values = [_num(r["acc"][str(c)]) for c in range(n_clients)]
+        cells = (
+            [pct(min(values)), pct(statistics.median(values)), pct(max(values))]
+            if wide
+            else [pct(v) for v in values]
+        )
         acc.rows.append(
             [
                 str(r["seed"]),
-                *(pct(r["acc"][str(c)]) for c in range(n_clients)),
+                *cells,
                 pct(r["acc_mean"]),
                 "from cache" if cache.get("hit") else "trained",
             ]
@@ -92,15 +110,33 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
     for label, a in first.items():
         if a.get("sweep_of"):
             continue  # sweeps are summarised above and drawn in the figures
+        asr = [
+            [
+                sum(_num(r["attacks"][label]["asr"][i][c]) for r in repeats) / len(repeats)
+                for c in range(n_clients)
+            ]
+            for i in range(len(a["adversaries"]))
+        ]
+        if wide:
+            m = TableData(
+                f"{title}: ASR, {label}, per adversary over {n_clients - 1} benign models, "
+                "mean over seeds",
+                ["adversary", "own", "benign min", "benign median", "benign max"],
+            )
+            for adv, row in zip(a["adversaries"], asr, strict=True):
+                benign = [v for c, v in enumerate(row) if c != adv]
+                m.rows.append(
+                    [f"client {adv}", f"{100 * row[adv]:.1f}%"]
+                    + [f"{100 * f(benign):.1f}%" for f in (min, statistics.median, max)]
+                )
+            out.append(m)
+            continue
         m = TableData(
             f"{title}: ASR, {label}: adversary (rows) x target model (columns), mean over seeds",
             ["adversary", *[f"client {c}" for c in range(n_clients)]],
         )
-        for i, adv in enumerate(a["adversaries"]):
-            cells = []
-            for c in range(n_clients):
-                v = sum(_num(r["attacks"][label]["asr"][i][c]) for r in repeats) / len(repeats)
-                cells.append(f"{100 * v:.1f}%" + (" (own)" if c == adv else ""))
+        for adv, row in zip(a["adversaries"], asr, strict=True):
+            cells = [f"{100 * v:.1f}%" + (" (own)" if c == adv else "") for c, v in enumerate(row)]
             m.rows.append([f"client {adv}", *cells])
         out.append(m)
 

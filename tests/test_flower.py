@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +188,46 @@ def test_stateful_client_plugin_without_client_state_is_rejected():
     with pytest.raises(RunError, match="Counter keeps state"):
         check_client_state_support([Counter()])
     check_client_state_support([DPSGD(DPSGDParams(noise_multiplier=1.0))])
+
+
+@pytest.mark.slow
+def test_loopback_deployment_script_runs(tmp_path):
+    """scripts/flower_loopback.sh: SuperLink + one SuperNode process per site + flwr run."""
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "BIN": str(Path(sys.executable).parent),
+        "PORT": str(free_port_block(4)),
+        "TIMEOUT_S": "300",
+    }
+    script = REPO / "scripts" / "flower_loopback.sh"
+    proc = subprocess.run(
+        [str(script), str(scenario), str(out)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["engine"]["name"] == "flower"
+    (rep,) = metrics["tasks"]["synthetic"]["repeats"]
+    assert [r["round"] for r in rep["rounds"]] == [1, 2]
+    assert rep["privacy"][0]["rounds_accounted"] == 2
+    assert set(rep["acc"]) == {"0", "1", "2"}
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p..p+n-1 free on loopback (the SuperLink and n-1 SuperNodes)."""
+    for base in range(19200, 20000, n):
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")

@@ -70,3 +70,24 @@ def test_report_markdown_has_paper_tables_and_rerenders_identically(sweep_run, c
 def test_report_of_a_folder_without_metrics_is_a_user_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_many_clients_report_the_spread_not_one_column_each(tmp_path):
+    """Above 8 clients the tables give min/median/max over clients (the full per-client
+    values stay in metrics.json)."""
+    scenario = tmp_path / "wide.toml"
+    scenario.write_text(
+        TINY.replace("clients = 3", "clients = 10\nsampled = 4")
+        .replace("n_samples = 90", "n_samples = 300")
+        .replace("[threat_model]", "[threat_model]\nadversaries = [0, 3]")
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    (rep,) = metrics["tasks"]["synthetic"]["repeats"]
+    assert len(rep["acc"]) == 10 and len(rep["attacks"]["PGD-3"]["asr"][0]) == 10
+    report = (out / "report.md").read_text()
+    assert "clean accuracy over 10 clients" in report and "benign median" in report
+    assert "client 9" not in report
+    values = [rep["acc"][str(c)] for c in range(10)]
+    assert f"{100 * min(values):.2f}%" in report
