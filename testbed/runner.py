@@ -281,11 +281,21 @@ class Repeat:
 
 def per_run_objects(scenario: Scenario, host: Host) -> list[object]:
     """A fresh DP mechanism and defence objects for one repeat (they hold its state)."""
-    return [
-        host.registry.build(kind, spec.name, spec.params)
-        for _, kind, spec in scenario.components()
-        if kind in ("dp_mechanisms", "defences")
+    specs = [
+        (k, spec) for _, k, spec in scenario.components() if k in ("dp_mechanisms", "defences")
     ]
+    objs = [host.registry.build(kind, spec.name, spec.params) for kind, spec in specs]
+    # testbed_local_training is firstresult: a second trainer would silently never run.
+    trainers = [
+        s.name
+        for (_, s), o in zip(specs, objs, strict=True)
+        if hasattr(o, "testbed_local_training")
+    ]
+    if len(trainers) > 1:
+        raise RunError(
+            f"{' and '.join(trainers)} both replace local training; only one can run per client"
+        )
+    return objs
 
 
 def run_repeat(job: Repeat) -> tuple[dict[str, Any], list[torch.nn.Module]]:

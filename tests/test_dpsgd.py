@@ -312,3 +312,22 @@ def test_interrupted_run_resumes_with_identical_accounting(tmp_path, monkeypatch
     got = json.loads((out / "metrics.json").read_text())
     assert strip_timing(got) == strip_timing(want)
     assert got["tasks"]["synthetic"]["repeats"][0]["privacy"][0]["rounds_accounted"] == 3
+
+
+def test_dp_sgd_with_adversarial_training_is_refused(tmp_path, capsys):
+    """Both replace local training (a firstresult hook): one would silently never run."""
+    from test_cli import TINY
+
+    scenario = tmp_path / "both.toml"
+    scenario.write_text(
+        TINY.replace(
+            '[dp]\nname = "paper_dp"\nparams = { clip_norm = 1.0, noise_multiplier = 0.5 }',
+            '[dp]\nname = "dp_sgd"\nparams = { noise_multiplier = 1.0 }\n'
+            '[[defences]]\nname = "adversarial_training"',
+        )
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--no-progress"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "dp_sgd and adversarial_training both replace local training" in line
+    assert not out.exists()
