@@ -205,8 +205,9 @@ class FlowerEngine:
             rnd = state.round + 1
             messages = strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), self.grid)
             replies: list[Any] = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
+            cid_of = {node: cid for cid, node in strategy.nodes.items()}
             for r in replies:
-                on_client_done(r.metadata.src_node_id)
+                on_client_done(cid_of.get(r.metadata.src_node_id, -1))
             strategy.aggregate_train(rnd, replies)
             assert strategy.state is not None
             return strategy.state
