@@ -30,7 +30,7 @@ def training_key(scenario: Scenario, task: Task, seed: int, device: torch.device
         "federation": fed,
         # CPU and CUDA kernels round differently: their federations are not the same
         "device": device.type,
-        # the engines agree to float tolerance, not bitwise: each has its own entries
+        # the engines are bitwise equal only at equal thread counts: each has its own entries
         "engine": scenario.engine.name,
         "aggregator": scenario.aggregator.model_dump(mode="json"),
         "dp": scenario.dp.model_dump(mode="json") if scenario.dp else None,

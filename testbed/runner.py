@@ -641,9 +641,14 @@ def run_scenario(
             if engine is not None:
                 tasks = run_tasks(engine)
             elif scenario.engine.name == "flower":
-                from testbed.flower.simulation import simulate
-
-                tasks = simulate(scenario, host, data_root, device, run_tasks)
+                try:
+                    from testbed.flower.simulation import simulate
+                except ImportError as exc:
+                    raise RunError(
+                        f"engine 'flower' needs the flower extra "
+                        f"(pip install -e '.[flower]'): {exc}"
+                    ) from None
+                tasks = simulate(scenario, device, run_tasks)
             else:
                 tasks = run_tasks(InProcess())
             result = {

@@ -231,3 +231,20 @@ def free_port_block(n: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free ports")
+
+
+def test_flower_engine_without_flwr_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import testbed.flower.simulation
+
+    monkeypatch.delitem(sys.modules, testbed.flower.simulation.__name__)
+    for name in [m for m in sys.modules if m == "flwr" or m.startswith("flwr.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if the flower extra were missing
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "run"
+    argv = ["run", str(scenario), "--out", str(out), "--engine", "flower", "--no-progress"]
+    assert main(argv) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "needs the flower extra" in line
+    assert not out.exists()

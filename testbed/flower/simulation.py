@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
 
 from testbed.engines import Engine
-from testbed.pluginmanager import Host
 from testbed.scenario import Scenario
 
 T = TypeVar("T")
@@ -37,29 +38,21 @@ def backend_config(scenario: Scenario, device: torch.device) -> dict[str, Any]:
     }
 
 
-def simulate(
-    scenario: Scenario,
-    host: Host,
-    data_root: Path | None,
-    device: torch.device,
-    body: Callable[[Engine], T],
-) -> T:
+def simulate(scenario: Scenario, device: torch.device, body: Callable[[Engine], T]) -> T:
     """``body(engine)`` as the main function of a ServerApp in a Flower simulation with
     one SuperNode per client; its result, or its exception, comes back here."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
     from testbed.flower.client_app import app as client_app
     from testbed.flower.strategy import FlowerEngine
     from testbed.runner import RunError
 
     outcome: dict[str, Any] = {}
+    stop = threading.Event()
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Any, context: Any) -> None:
         try:
-            outcome["result"] = body(FlowerEngine(grid, scenario.engine.timeout_s))
+            outcome["result"] = body(FlowerEngine(grid, scenario.engine.timeout_s, stop))
         except BaseException as exc:  # re-raised in the caller's thread
             outcome["error"] = exc
 
@@ -75,8 +68,9 @@ def simulate(
         )
     finally:
         flwr_log.setLevel(level)
+        stop.set()  # a server thread still waiting for replies gives up instead of hanging
     if "error" in outcome:
         raise outcome["error"]
     if "result" not in outcome:
-        raise RunError("the Flower simulation ended without running the federation")
+        raise RunError("Flower's simulation runtime stopped before the run finished")
     return outcome["result"]

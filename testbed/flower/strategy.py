@@ -6,9 +6,9 @@ exactly as in the in-process engine."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -32,6 +32,8 @@ log = logging.getLogger("testbed")
 
 NODE_WAIT_S = 120.0
 """How long to wait for every site's SuperNode to connect (deployment)."""
+PULL_INTERVAL_S = 0.1
+"""How often the server polls for replies (Flower's in-memory grid default)."""
 
 
 def run_description(setup: TrainingSetup) -> bytes:
@@ -81,7 +83,7 @@ class TestbedStrategy(Strategy):
 
     # -- which node is which client ---------------------------------------------------
 
-    def map_nodes(self, grid: Grid, timeout_s: float) -> None:
+    def map_nodes(self, grid: Grid, exchange: Callable[[list[Message]], list[Message]]) -> None:
         """Ask every node for its ``partition-id`` (node config): client i is the node
         that says i, in simulation and in deployment alike."""
         n = len(self.setup.clients)
@@ -93,7 +95,7 @@ class TestbedStrategy(Strategy):
         queries = [
             Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in ids
         ]
-        for reply in grid.send_and_receive(queries, timeout=timeout_s):
+        for reply in exchange(queries):
             if reply.has_error():
                 raise RunError(f"Flower node {reply.metadata.src_node_id}: {reply.error.reason}")
             pid = int(reply.content["config"]["partition-id"])
@@ -188,23 +190,41 @@ class TestbedStrategy(Strategy):
 
 class FlowerEngine:
     """Runs each round through a Flower ``Grid``: from `simulation` (Ray) or from the
-    deployment engine's ServerApp."""
+    deployment engine's ServerApp. Setting ``stop`` makes a waiting round give up."""
 
     name = "flower"
 
-    def __init__(self, grid: Grid, timeout_s: float) -> None:
+    def __init__(self, grid: Grid, timeout_s: float, stop: threading.Event | None = None) -> None:
         self.grid = grid
         self.timeout_s = timeout_s
+        self.stop = stop or threading.Event()
+
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        """Flower's ``Grid.send_and_receive``, written out so that it also gives up when
+        ``stop`` is set: when Flower's simulation runtime crashes, nothing would ever reply
+        and the stock call would block for the whole timeout (an hour by default)."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout_s
+        replies: list[Message] = []
+        while waiting and time.monotonic() < deadline:
+            if self.stop.is_set():
+                raise RunError("the Flower runtime stopped while a round was waiting")
+            got = list(self.grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(PULL_INTERVAL_S)
+        return replies
 
     def round_step(self, setup: TrainingSetup) -> RoundStep:
         strategy = TestbedStrategy(setup)
-        strategy.map_nodes(self.grid, self.timeout_s)
+        strategy.map_nodes(self.grid, self.exchange)
 
         def step(state: FederationState, on_client_done: Callable[[int], None]) -> FederationState:
             strategy.state = state
             rnd = state.round + 1
             messages = strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), self.grid)
-            replies: list[Any] = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
+            replies = self.exchange(list(messages))
             cid_of = {node: cid for cid, node in strategy.nodes.items()}
             for r in replies:
                 on_client_done(cid_of.get(r.metadata.src_node_id, -1))
