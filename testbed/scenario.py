@@ -8,15 +8,52 @@ even when the other fails, so `testbed validate` lists everything wrong with a f
 from __future__ import annotations
 
 import json
-import tomllib
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from testbed.problems import (
+    TOO_DEEP,
+    Problem,
+    ScenarioError,
+    apply_overrides,
+    parse_document,
+    pydantic_problems,
+    too_deep,
+)
 from testbed.registry import Registry
 from testbed.sweep import expand_attack_sweeps
+
+MAX_SEED = 2**63 - 1
+"""Seeds are 0..2**63-1: every generator (torch, numpy) takes them, and a seed + repeat
+never overflows the 64-bit integers they are stored in."""
+MAX_REPEATS = 1000
+"""More repeats than any evaluation needs; a typo such as 10**9 must not build that list."""
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _safe_file_name(v: str) -> str:
+    # Scenario and task names become folder and file names: '..' or '.x' would climb out
+    # of the run folder or hide inside it.
+    if not v or v.startswith(".") or len(v) > 100:
+        raise ValueError(
+            f"must be a safe file name: 1-100 letters, digits, '_', '-', '.', not starting "
+            f"with '.', got {v!r}"
+        )
+    return v
+
+
+SafeName = Annotated[str, AfterValidator(_safe_file_name)]
 
 SECTION_KINDS = {
     "data": "datasets",
@@ -41,9 +78,9 @@ class Component(Strict):
 
 
 class Meta(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Used in the run folder name.")
+    name: SafeName = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Used in the run folder name.")
     description: str = ""
-    seed: int = Field(0, ge=0, description="Fixes every random choice of a run.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Fixes every random choice of a run.")
 
 
 class Augment(Strict):
@@ -57,7 +94,7 @@ class Data(Component):
 
 
 class Task(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Task label in reports.")
+    name: SafeName = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Task label in reports.")
     data: Data
 
 
@@ -138,8 +175,12 @@ class Attack(Component):
 
 
 class Evaluation(Strict):
-    repeats: int = Field(1, ge=1, description="Independent runs (train + attack) per scenario.")
-    seeds: list[int] | None = Field(None, description="Seeds of the repeats; default seed+r.")
+    repeats: int = Field(
+        1, ge=1, le=MAX_REPEATS, description="Independent runs (train + attack) per scenario."
+    )
+    seeds: list[Seed] | None = Field(
+        None, max_length=MAX_REPEATS, description="Seeds of the repeats; default seed+r."
+    )
 
     @model_validator(mode="after")
     def _seeds_match(self) -> Evaluation:
@@ -202,8 +243,8 @@ class Scenario(Strict):
     def _cross_checks(self) -> Scenario:
         if (self.data is None) == (not self.tasks):
             raise ValueError("give either [data] or [[tasks]], not both or neither")
-        names = [t.name for t in self.tasks]
-        repeated = sorted({x for x in names if names.count(x) > 1})
+        # Counter, not list.count: a sweep can make thousands of attacks (linear, not n^2).
+        repeated = sorted(n for n, k in Counter(t.name for t in self.tasks).items() if k > 1)
         if repeated:
             raise ValueError(f"tasks: task names must be unique; repeated: {', '.join(repeated)}")
         adv = self.threat_model.adversaries
@@ -213,11 +254,16 @@ class Scenario(Strict):
                 raise ValueError(
                     f"threat_model.adversaries {bad} out of range 0..{self.federation.clients - 1}"
                 )
-        labels = [a.label for a in self.attacks]
-        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        dupes = sorted(n for n, k in Counter(a.label for a in self.attacks).items() if k > 1)
         if dupes:
             raise ValueError(
                 f"attacks: attack labels must be unique (set `label`); repeated: {', '.join(dupes)}"
+            )
+        last = self.scenario.seed + self.evaluation.repeats - 1
+        if self.evaluation.seeds is None and last > MAX_SEED:
+            raise ValueError(
+                f"scenario.seed + evaluation.repeats - 1 = {last} exceeds the largest seed "
+                f"{MAX_SEED}"
             )
         return self
 
@@ -242,47 +288,6 @@ class Scenario(Strict):
             elif value is not None:
                 out.append((section, kind, value))
         return out
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return (
-            f"{self.file}: {self.where}: {self.message}"
-            if self.where
-            else (f"{self.file}: {self.message}")
-        )
-
-
-class ScenarioError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("\n".join(map(str, problems)))
-        self.problems = problems
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _pydantic_problems(file: str, exc: ValidationError, prefix: str = "") -> list[Problem]:
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        where = _dotted(loc)
-        if prefix:
-            where = f"{prefix}.{where}" if where else prefix
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        problems.append(Problem(file, where, msg))
-    return problems
 
 
 def _raw_components(doc: dict[str, Any]) -> list[tuple[str, str, Any]]:
@@ -332,34 +337,17 @@ def _check_components(file: str, doc: dict[str, Any], registry: Registry) -> lis
         try:
             resolved = kreg.components[name].params.model_validate(params)
         except ValidationError as exc:
-            problems += _pydantic_problems(file, exc, prefix=f"{where}.params")
+            problems += pydantic_problems(
+                file, exc, f"{where}.params", kreg.components[name].params
+            )
         else:
             raw["params"] = resolved.model_dump(mode="json")
     return problems
 
 
-def parse_document(path: Path) -> dict[str, Any]:
-    file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is harmless
-    except FileNotFoundError:
-        raise ScenarioError([Problem(file, "", "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError([Problem(file, "", f"cannot read: {exc}")]) from None
-    try:
-        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError([Problem(file, "", f"TOML syntax error: {exc}")]) from None
-    except json.JSONDecodeError as exc:
-        raise ScenarioError(
-            [Problem(file, f"line {exc.lineno}", f"JSON syntax error: {exc.msg}")]
-        ) from None
-    if not isinstance(doc, dict):
-        raise ScenarioError([Problem(file, "", "top level must be a table")])
-    return doc
-
-
 def validate_document(doc: dict[str, Any], registry: Registry, file: str) -> Scenario:
+    if too_deep(doc):  # --set values and documents built in code are not parsed here
+        raise ScenarioError([Problem(file, "", TOO_DEEP)])
     doc = json.loads(json.dumps(doc))  # a private copy; the component pass fills in params
     _fill_component_defaults(doc)
     problems = [Problem(file, w, m) for w, m in expand_attack_sweeps(doc, registry)]
@@ -367,7 +355,7 @@ def validate_document(doc: dict[str, Any], registry: Registry, file: str) -> Sce
     try:
         scenario = Scenario.model_validate(doc)
     except ValidationError as exc:
-        problems = _pydantic_problems(file, exc) + problems
+        problems = pydantic_problems(file, exc, model=Scenario) + problems
         scenario = None
     if scenario is not None and not problems:
         problems = _check_against_scenario(file, scenario, registry)
@@ -388,39 +376,26 @@ def _check_against_scenario(file: str, scenario: Scenario, registry: Registry) -
     return problems
 
 
-def apply_overrides(doc: dict[str, Any], overrides: list[str], file: str) -> None:
-    """`--set federation.rounds=3`: values are TOML (3, 0.5, true, "x", [1, 2]); a bare
-    word is a string. Paths walk tables and list indices (attacks.0.params.eps)."""
-    problems = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            problems.append(Problem(file, f"--set {item}", "expected KEY=VALUE"))
-            continue
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        node: Any = doc
-        parts = key.split(".")
-        try:
-            for part in parts[:-1]:
-                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-            if isinstance(node, list):
-                node[int(parts[-1])] = value
-            else:
-                node[parts[-1]] = value
-        except (ValueError, IndexError, TypeError, AttributeError):
-            problems.append(Problem(file, f"--set {key}", "no such place in the scenario"))
-    if problems:
-        raise ScenarioError(problems)
-
-
 def load_scenario(
-    path: Path | str, registry: Registry, overrides: list[str] | None = None
+    path: Path | str,
+    registry: Registry,
+    overrides: list[str] | None = None,
+    *,
+    seed: int | None = None,
+    repeats: int | None = None,
 ) -> Scenario:
+    """The validated scenario of ``path`` after ``--set`` overrides; ``seed`` and
+    ``repeats`` (the CLI's --seed, --repeats) replace the file's seeds and are validated
+    like values written in the file."""
     path = Path(path)
     doc = parse_document(path)
+    overrides = list(overrides or [])
+    if seed is not None:
+        overrides.append(f"scenario.seed={seed}")
+    if repeats is not None:
+        overrides.append(f"evaluation.repeats={repeats}")
+    if (seed is not None or repeats is not None) and isinstance(doc.get("evaluation"), dict):
+        doc["evaluation"].pop("seeds", None)  # explicit seeds would contradict the new ones
     if overrides:
         apply_overrides(doc, overrides, str(path))
     return validate_document(doc, registry, str(path))
