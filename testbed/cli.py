@@ -6,15 +6,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from testbed import __version__
-from testbed.data import DatasetError
-from testbed.pluginmanager import Host, PluginError, build_host
-from testbed.scenario import ScenarioError, load_scenario
+
+# Everything heavy (torch, pydantic, rich) is imported inside main(), under its
+# KeyboardInterrupt handler: a Ctrl-C while start-up imports torch is one line, not a
+# traceback from the middle of an import.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from testbed.pluginmanager import Host
 
 DATA_ROOT_ENV = "TESTBED_DATA_ROOT"
 USER_ERROR = 2
@@ -77,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check scenario files; report every problem")
     val.add_argument("scenarios", type=Path, nargs="+")
+    val.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="validate with this override applied, as `run --set` would (repeatable)",
+    )
 
     sub.add_parser("plugins", help="list plugins, versions, hooks and components")
 
@@ -96,16 +106,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(console: Console, message: str) -> int:
+    from rich.markup import escape
+
     # escape: file paths and messages such as "give [data] or [[tasks]]" are not markup
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return USER_ERROR
 
 
-def cmd_validate(host: Host, files: list[Path], console: Console) -> int:
+def cmd_validate(host: Host, files: list[Path], overrides: list[str], console: Console) -> int:
+    from testbed.scenario import ScenarioError, load_scenario
+
     bad = 0
     for f in files:
         try:
-            load_scenario(f, host.registry)
+            load_scenario(f, host.registry, overrides)
         except ScenarioError as exc:
             bad += 1
             for problem in exc.problems:
@@ -115,7 +129,35 @@ def cmd_validate(host: Host, files: list[Path], console: Console) -> int:
     return USER_ERROR if bad else 0
 
 
+def _type_name(annotation: Any) -> str:
+    import typing
+
+    # tuple[str, ...] is a type too, but its name alone would hide the element type
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("NoneType", "None")
+
+
+def param_rows(model: Any) -> list[tuple[str, str, str]]:
+    """(name, type, default) per field of a component's params model."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name, f in model.model_fields.items():
+        if f.is_required():
+            default = "(required)"
+        elif f.default is PydanticUndefined:
+            default = "(computed)"  # a default_factory: no single value to show
+        else:
+            default = repr(f.default)
+        out.append((name, _type_name(f.annotation), default))
+    return out
+
+
 def cmd_plugins(host: Host, console: Console) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
     t = Table(title="testbed plugins")
     for col in ("plugin", "distribution", "version", "hooks"):
         t.add_column(col)
@@ -125,11 +167,20 @@ def cmd_plugins(host: Host, console: Console) -> int:
     c = Table(title="components")
     for col in ("kind", "name", "plugin", "description"):
         c.add_column(col)
+    p = Table(title="component params (`params = { ... }` in a scenario)")
+    for col in ("component", "param", "type", "default"):
+        p.add_column(col, overflow="fold")  # a cut-off default or type would mislead
     for kind, kreg in host.registry.kinds.items():
         for name in kreg.names():
             comp = kreg.components[name]
-            c.add_row(kind, name, comp.plugin, comp.description)
+            c.add_row(kind, name, comp.plugin, escape(comp.description))
+            rows = param_rows(comp.params) or [("-", "", "")]
+            for i, row in enumerate(rows):
+                first, last = i == 0, i == len(rows) - 1
+                cells = [escape(x) for x in row]  # "tuple[str, ...]" is not rich markup
+                p.add_row(f"{kind[:-1]} {name}" if first else "", *cells, end_section=last)
     console.print(c)
+    console.print(p)
     return 0
 
 
@@ -141,8 +192,11 @@ def _data_root(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
+    from rich.console import Console
+
     from testbed.report import render
     from testbed.runner import RunError, final_dir_of, partial_dir, run_scenario
+    from testbed.scenario import load_scenario
 
     if args.resume is not None:
         if args.scenario is not None or args.out is not None:
@@ -157,17 +211,14 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
         out, source = args.out, args.scenario
     if args.overrides and args.resume is not None:
         return _fail(console, "--resume continues the run as it was; --set is not allowed")
-    scenario = load_scenario(source, host.registry, args.overrides)
+    if args.resume is not None and (args.seed is not None or args.repeats is not None):
+        return _fail(console, "--resume continues with the run's own seed and repeats")
+    # --seed and --repeats go into the document before validation, so that a negative or
+    # huge value is the same one-line problem as in the file.
+    scenario = load_scenario(
+        source, host.registry, args.overrides, seed=args.seed, repeats=args.repeats
+    )
     updates: dict[str, object] = {}
-    if args.seed is not None:
-        updates["scenario"] = scenario.scenario.model_copy(update={"seed": args.seed})
-        updates["evaluation"] = scenario.evaluation.model_copy(update={"seeds": None})
-    if args.repeats is not None:
-        if args.repeats < 1:
-            return _fail(console, "--repeats must be at least 1")
-        updates["evaluation"] = scenario.evaluation.model_copy(
-            update={"repeats": args.repeats, "seeds": None}
-        )
     if args.device is not None:
         updates["federation"] = scenario.federation.model_copy(update={"device": args.device})
     if args.engine is not None:
@@ -217,21 +268,20 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
 def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     from datetime import UTC, datetime
 
+    from rich.console import Console
+    from rich.markup import escape
+
     from testbed import compare
     from testbed.runner import RunError, run_scenario, write_json
+    from testbed.scenario import ScenarioError, load_scenario
 
-    if args.repeats is not None and args.repeats < 1:
-        return _fail(console, "--repeats must be at least 1")
     scenarios, problems = [], []
     for f in args.scenarios:
         try:
-            s = load_scenario(f, host.registry, args.overrides)
+            s = load_scenario(f, host.registry, args.overrides, repeats=args.repeats)
         except ScenarioError as exc:
             problems += exc.problems
             continue
-        if args.repeats is not None:
-            ev = s.evaluation.model_copy(update={"repeats": args.repeats, "seeds": None})
-            s = s.model_copy(update={"evaluation": ev})
         if args.device is not None:
             fed = s.federation.model_copy(update={"device": args.device})
             s = s.model_copy(update={"federation": fed})
@@ -272,31 +322,64 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
 def cmd_report(run_dir: Path, console: Console) -> int:
     import json
 
+    from rich.console import Console
+
+    from testbed.problems import read_regular_file
     from testbed.report import render
+    from testbed.report_check import metrics_problems
     from testbed.runner import write_report
 
     path = run_dir / "metrics.json"
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads(read_regular_file(path))
     except FileNotFoundError:
         return _fail(console, f"{path}: not found (is {run_dir} a finished run folder?)")
-    except (OSError, ValueError) as exc:
+    except RecursionError:
+        return _fail(console, f"{path}: unreadable: nested too deeply")
+    except OSError as exc:
+        return _fail(console, f"{path}: unreadable: {exc.strerror or exc}")
+    except ValueError as exc:
         return _fail(console, f"{path}: unreadable: {exc}")
     if not isinstance(metrics, dict) or metrics.get("schema_version") != 1:
         return _fail(console, f"{path}: not a testbed metrics file of schema version 1")
-    render(metrics, Console())
-    write_report(run_dir, metrics)
+    problems = metrics_problems(metrics)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return _fail(console, f"{path}: incomplete metrics: {problems[0]}{more}")
+    try:
+        render(metrics, Console())
+        write_report(run_dir, metrics)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        # The check above covers what the report reads today; a key it misses (a newer
+        # section of the report) is still one line, never a traceback.
+        return _fail(console, f"{path}: incomplete metrics: {type(exc).__name__}: {exc}")
     console.print(f"Report written to {run_dir / 'report.md'}", highlight=False)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the console exists (argument parsing, importing torch, loading
+        # plugins): plain stderr, exit 2, no traceback.
+        print("error: interrupted", file=sys.stderr)
+        return USER_ERROR
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    from rich.console import Console
+
+    from testbed.data import DatasetError
+    from testbed.pluginmanager import PluginError, build_host
+    from testbed.scenario import ScenarioError
+
     console = Console(stderr=True)
     try:
         host = build_host(extra_modules=args.plugin)
         if args.command == "validate":
-            return cmd_validate(host, args.scenarios, Console())
+            return cmd_validate(host, args.scenarios, args.overrides, Console())
         if args.command == "plugins":
             return cmd_plugins(host, Console())
         if args.command == "compare":

@@ -9,7 +9,9 @@ data cases build a small valid dataset in tmp_path, break one thing, and run on 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,18 +104,36 @@ def test_broken_scenario(path, tmp_path, capsys):
     assert_no_run_folder(tmp_path, out)
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory"])
+@pytest.mark.parametrize("kind", ["missing", "directory", "fifo", "device"])
 def test_unreadable_scenario_path(kind, tmp_path, capsys):
     path = tmp_path / "scenario.toml"
-    expect = "file not found"
+    expect = {
+        "missing": "file not found",
+        "directory": "cannot read: not a regular file (a directory)",
+        "fifo": "cannot read: not a regular file (a FIFO)",
+        "device": "cannot read: not a regular file (a character device)",
+    }[kind]
     if kind == "directory":
         path.mkdir()
-        expect = "cannot read: "
+    elif kind == "fifo":
+        os.mkfifo(path)  # nobody writes: reading it would block forever
+    elif kind == "device":
+        path.symlink_to("/dev/zero")  # endless: reading it would fill the memory
     for argv in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "run")]):
-        rc, lines = run_cli(argv, capsys)
+        rc, lines = run_cli_within(argv, capsys, seconds=30)
         assert_reported(lines, [expect], [str(path)])
         assert rc == USER_ERROR
     assert_no_run_folder(tmp_path, tmp_path / "run")
+
+
+def run_cli_within(argv: list[str], capsys, seconds: float) -> tuple[int, list[str]]:
+    """run_cli in a daemon thread: a CLI that blocks fails the test instead of hanging it."""
+    result: list[tuple[int, list[str]]] = []
+    worker = threading.Thread(target=lambda: result.append(run_cli(argv, capsys)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert result, f"testbed {' '.join(argv)} still running after {seconds} s"
+    return result[0]
 
 
 # --------------------------------------------------------------------------------------

@@ -135,3 +135,133 @@ def test_plugins_lists_builtins_with_hooks(capsys):
     out = capsys.readouterr().out
     for name in ("datasets", "attacks", "testbed_register_attacks", "paper_dp", "pgd", "fedavg"):
         assert name in out
+
+
+# --------------------------------------------------------------------------------------
+# Issue 10: --seed/--repeats validated like the file, validate --set, Ctrl-C at start-up,
+# an incomplete metrics.json for `report`, params in `testbed plugins`
+# --------------------------------------------------------------------------------------
+
+
+def error_lines(capsys) -> list[str]:
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.out + cap.err
+    return [x for x in (cap.out + cap.err).splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expect"),
+    [
+        ("--seed", "-1", "scenario.seed: Input should be greater than or equal to 0"),
+        ("--seed", str(2**63), "scenario.seed: Input should be less than or equal to"),
+        ("--seed", str(2**64), "scenario.seed: Input should be less than or equal to"),
+        ("--repeats", "0", "evaluation.repeats: Input should be greater than or equal to 1"),
+        ("--repeats", str(10**9), "evaluation.repeats: Input should be less than or equal to"),
+    ],
+)
+def test_seed_and_repeats_flags_are_validated_like_the_file(flag, value, expect, tmp_path, capsys):
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), "--out", str(out), flag, value, "--no-progress"]) == 2
+    (line,) = error_lines(capsys)
+    assert expect in line and str(scenario) in line
+    assert not out.exists()
+
+
+def test_seed_flag_replaces_the_files_seeds(tmp_path):
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY + "\n[evaluation]\nseeds = [1, 2]\n")
+    registry = build_host(autoload=False).registry
+    s = load_scenario(scenario, registry, seed=2**63 - 2, repeats=2)
+    assert s.seeds() == [2**63 - 2, 2**63 - 1]
+
+
+def test_validate_accepts_set(tmp_path, capsys):
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    assert main(["validate", str(scenario), "--set", "federation.rounds=0"]) == 2
+    (line,) = error_lines(capsys)
+    assert "federation.rounds: Input should be greater than or equal to 1" in line
+    assert main(["validate", str(scenario), "--set", "federation.rounds=4"]) == 0
+
+
+@pytest.mark.parametrize("where", ["parser", "build_host"])
+def test_ctrl_c_during_start_up_is_one_line_exit_2(where, monkeypatch, capsys):
+    import testbed.cli
+    import testbed.pluginmanager
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "parser":
+        monkeypatch.setattr(testbed.cli, "_parser", interrupted)
+    else:
+        monkeypatch.setattr(testbed.pluginmanager, "build_host", interrupted)
+    assert main(["plugins"]) == 2
+    (line,) = error_lines(capsys)
+    assert line == "error: interrupted"
+
+
+def test_plugins_shows_each_components_params(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    rows = [x for x in out.splitlines() if "eps_step" in x]
+    assert any("float" in r and "(required)" in r for r in rows), out
+    assert any("hdf5_splits" in x and "tuple[str, ...]" in x for x in out.splitlines())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run whose task is named like the paper's (so Table I is drawn too)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    scenario = tmp / "tiny.toml"
+    scenario.write_text(
+        TINY.replace(
+            '[data]\nname = "synthetic"\nparams = { n_samples = 90, image_size = 16 }',
+            '[[tasks]]\nname = "glioma"\n[tasks.data]\nname = "synthetic"\n'
+            "params = { n_samples = 90, image_size = 16 }",
+        ).replace("rounds = 2", "rounds = 1")
+    )
+    out = tmp / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _drop(path: str):
+    def edit(metrics):
+        *parents, last = path.split("/")
+        node = metrics
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        del node[int(last) if isinstance(node, list) else last]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "expect"),
+    [
+        (_drop("hardware"), "hardware: Field required"),
+        (_drop("timing/total_s"), "timing.total_s: Field required"),
+        (_drop("tasks/glioma/summary"), "tasks.glioma.summary: Field required"),
+        (_drop("tasks/glioma/repeats/0/acc/1"), "no accuracy for client(s) 1"),
+        (_drop("tasks/glioma/summary/attacks/PGD-3"), "attack 'PGD-3' missing"),
+        (_drop("tasks/glioma/repeats/0/attacks/PGD-3/asr/0"), "asr: expected 3 rows"),
+        (_drop("tasks/glioma/repeats/0/privacy/0/delta"), "privacy[0].delta: Field required"),
+        (lambda m: m["tasks"]["glioma"].update(repeats=[]), "repeats: List should have at least"),
+    ],
+)
+def test_report_of_incomplete_metrics_is_one_line(finished_run, edit, expect, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert main(["report", str(run)]) == 0  # the complete file renders
+    capsys.readouterr()
+    metrics = json.loads((run / "metrics.json").read_text())
+    edit(metrics)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(run)]) == 2
+    (line,) = error_lines(capsys)
+    assert "incomplete metrics" in line and expect in line and str(run / "metrics.json") in line
