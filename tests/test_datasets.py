@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -415,3 +416,79 @@ def test_registered_through_the_plugin_system() -> None:
     assert {"brain_mri", "pcam", "synthetic"} <= set(names)
     ds = host.registry.build("datasets", "synthetic", {"n_samples": 8}, data_root=None)
     assert ds.x.shape == (8, 1, 32, 32)
+
+
+# --------------------------------------------------------------------------------------
+# 16-bit and palette images (issue 10): converted, never a dtype error from the stack
+# --------------------------------------------------------------------------------------
+
+
+def _grey16(seed: int, size: int = 24) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 65536, (size, size), dtype=np.uint16)
+
+
+def _to8(a: np.ndarray) -> np.ndarray:
+    return np.rint(a.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def _palette(seed: int, size: int = 24) -> Image.Image:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+
+
+def test_pcam_png_16_bit_and_palette_images_are_converted(tmp_path: Path) -> None:
+    root = make_pcam_png(tmp_path / "p", [0, 1, 0, 1])
+    grey16 = _grey16(1, 96)
+    Image.fromarray(grey16).save(root / "images" / f"{1:040x}.png")  # mode I;16
+    pal = _palette(2, 96)
+    pal.save(root / "images" / f"{2:040x}.png")
+    ds = load_pcam(PCamParams(path="p"), tmp_path)
+    assert ds.x.dtype == torch.uint8 and ds.x.shape == (4, 3, 96, 96)
+    for c in range(3):  # grey, scaled (not clipped) to 8 bits, in all three channels
+        assert np.abs(ds.x[1, c].numpy().astype(int) - _to8(grey16)).max() <= 1
+    assert np.array_equal(ds.x[2].permute(1, 2, 0).numpy(), np.asarray(pal.convert("RGB")))
+
+
+def test_brain_mri_16_bit_png_is_scaled_to_8_bits(tmp_path: Path) -> None:
+    root = make_brain_tree(tmp_path / "b")
+    grey16 = _grey16(3)
+    Image.fromarray(grey16).save(root / "Training" / "no_tumor" / "scan16.png")
+    _palette(4).save(root / "Testing" / "no_tumor" / "scanP.png")
+    ds = load_brain_mri(BrainMRIParams(task="meningioma", path=str(root), image_size=24))
+    i = ds.ids.index("Training/no_tumor/scan16.png")
+    assert ds.x.dtype == torch.uint8
+    assert np.abs(ds.x[i, 0].numpy().astype(int) - _to8(grey16)).max() <= 1
+
+
+def test_pcam_kaggle_16_bit_tif_is_scaled_not_clipped(tmp_path: Path) -> None:
+    root = tmp_path / "kaggle"
+    (root / "train").mkdir(parents=True)
+    grey16 = _grey16(5, 96)
+    Image.fromarray(grey16).save(root / "train" / "a.tif")
+    _palette(6, 96).save(root / "train" / "b.tif")
+    (root / "train_labels.csv").write_text("id,label\na,0\nb,1\n")
+    ds = load_pcam(PCamParams(path=str(root)), None)
+    assert np.abs(ds.x[0, 0].numpy().astype(int) - _to8(grey16)).max() <= 1
+    expected = np.asarray(_palette(6, 96).convert("RGB"))
+    assert np.array_equal(ds.x[1].permute(1, 2, 0).numpy(), expected)
+
+
+def test_pcam_labels_csv_with_bom_loads(tmp_path: Path) -> None:
+    root = make_pcam_png(tmp_path / "p", [0, 1])
+    text = (root / "labels.csv").read_text()
+    (root / "labels.csv").write_text(text, encoding="utf-8-sig")  # as spreadsheets save it
+    assert load_pcam(PCamParams(path="p"), tmp_path).y.tolist() == [0, 1]
+
+
+def test_synthetic_beyond_memory_is_refused_before_allocating() -> None:
+    with pytest.raises(DatasetError, match="n_samples=100000000 images of 3 x 4096 x 4096"):
+        load_synthetic(SyntheticParams(n_samples=10**8, image_size=4096, channels=3))
+
+
+@pytest.mark.parametrize("field", ["seed", "subsample_seed"])
+def test_dataset_seeds_are_bounded(field: str) -> None:
+    model = SyntheticParams if field == "seed" else PCamParams
+    for bad in (-1, 2**63, 2**64):
+        with pytest.raises(ValidationError):
+            model(**{field: bad})
+    model(**{field: 2**63 - 1})

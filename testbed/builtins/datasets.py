@@ -25,7 +25,7 @@ from pydantic import Field
 from torchvision.io import ImageReadMode, decode_image
 
 from testbed import hookimpl
-from testbed.data import DatasetError, ImageDataset
+from testbed.data import DatasetError, ImageDataset, check_fits_in_memory, pil_to_array, to_uint8
 from testbed.registry import KindRegistry, Params
 
 CACHE_ENV = "TESTBED_CACHE_DIR"
@@ -40,6 +40,9 @@ _TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision a
 # --------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------
+
+
+MAX_SEED = 2**63 - 1
 
 
 def _one_line(exc: BaseException) -> str:
@@ -145,7 +148,7 @@ def _decode_files(files: Sequence[Path], mode: ImageReadMode, size: int) -> torc
     def one(f: Path) -> torch.Tensor:
         try:
             data = torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
-            img = decode_image(data, mode=mode)
+            img = to_uint8(decode_image(data, mode=mode))
         except Exception as exc:
             raise DatasetError(f"cannot decode image {f}: {_one_line(exc)}") from None
         return _resize(img, size)
@@ -227,6 +230,7 @@ def load_brain_mri(params: BrainMRIParams, data_root: Path | None = None) -> Ima
             files += found
             labels += [label] * len(found)
 
+    check_fits_in_memory("brain_mri", str(len(files)), len(files), 1, params.image_size, 6)
     key = (
         "brain_mri",
         str(root),
@@ -290,7 +294,7 @@ class PCamParams(Params):
     n_samples: int | None = Field(
         None, ge=1, description="Class-stratified random subsample of this size (None: all)."
     )
-    subsample_seed: int = Field(0, description="Seed of the subsample.")
+    subsample_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the subsample.")
     image_size: int = Field(96, ge=8, description="Images are resized to this square size.")
     hdf5_splits: tuple[str, ...] = Field(
         ("train",), min_length=1, description="PCam splits pooled (hdf5 layout only)."
@@ -314,8 +318,10 @@ def _read_labels_csv(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise DatasetError(f"dataset 'pcam': label file not found: {path}")
     labels: dict[str, int] = {}
+    rows: Any = None
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a spreadsheet's BOM must not turn the header into '\ufeffid'
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = csv.reader(fh)
             header = next(rows, None)
             if header is None or [h.strip() for h in header] != ["id", "label"]:
@@ -328,6 +334,8 @@ def _read_labels_csv(path: Path) -> dict[str, int]:
                 if len(row) != 2:
                     raise DatasetError(f"dataset 'pcam': {path}:{lineno}: expected 2 columns")
                 sid, lab = row[0].strip(), row[1].strip()
+                if not sid:
+                    raise DatasetError(f"dataset 'pcam': {path}:{lineno}: empty id")
                 if lab not in ("0", "1"):
                     raise DatasetError(
                         f"dataset 'pcam': {path}:{lineno}: label must be 0 or 1, got {lab!r}"
@@ -337,6 +345,9 @@ def _read_labels_csv(path: Path) -> dict[str, int]:
                 labels[sid] = int(lab)
     except UnicodeDecodeError as exc:
         raise DatasetError(f"dataset 'pcam': {path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:  # a NUL byte, a field over the csv module's size limit
+        line = rows.line_num if rows is not None else 1
+        raise DatasetError(f"dataset 'pcam': {path}:{line}: malformed CSV: {exc}") from None
     if not labels:
         raise DatasetError(f"dataset 'pcam': {path}: no label rows")
     return labels
@@ -384,10 +395,10 @@ def _decode_tifs(files: Sequence[Path], size: int) -> torch.Tensor:
     def one(f: Path) -> torch.Tensor:
         try:
             with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                arr = pil_to_array(im, "RGB")
         except Exception as exc:
             raise DatasetError(f"cannot decode image {f}: {_one_line(exc)}") from None
-        return _resize(torch.from_numpy(arr.copy()).permute(2, 0, 1), size)
+        return _resize(torch.from_numpy(np.array(arr)).permute(2, 0, 1), size)
 
     if not files:
         return torch.empty(0, 3, size, size, dtype=torch.uint8)
@@ -409,6 +420,7 @@ def _load_pcam_files(params: PCamParams, root: Path, layout: str) -> dict[str, A
         ).tolist()
         ids = [ids[i] for i in sel]
     files = [folder / (i + suffix) for i in ids]
+    check_fits_in_memory("pcam", str(len(files)), len(files), 3, params.image_size, 6)
     key = (
         "pcam",
         str(root),
@@ -463,6 +475,7 @@ def _load_pcam_hdf5(params: PCamParams, root: Path) -> dict[str, Any]:
         )
     else:
         sel = torch.arange(y_all.numel())
+    check_fits_in_memory("pcam", str(sel.numel()), sel.numel(), 3, params.image_size, 6)
     keep = torch.zeros(y_all.numel(), dtype=torch.bool)
     keep[sel] = True
     xs: list[torch.Tensor] = []
@@ -516,7 +529,9 @@ class SyntheticParams(Params):
     n_samples: int = Field(600, ge=4, description="Images generated, half of them lesions.")
     channels: Literal[1, 3] = Field(1, description="1: grey (MRI-like); 3: H&E-like tint.")
     image_size: int = Field(32, ge=16, description="Square image size in pixels.")
-    seed: int = Field(0, description="Fixes every pixel; same seed, same dataset.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Fixes every pixel; same seed, same dataset."
+    )
     lesion_contrast: float = Field(
         0.35, ge=0, le=1, description="Mean brightness a lesion adds (0: unlearnable)."
     )
@@ -558,6 +573,9 @@ def load_synthetic(params: SyntheticParams, data_root: Path | None = None) -> Im
     varies, so a classifier has to look for size and brightness rather than any blob.
     """
     n, s = params.n_samples, params.image_size
+    # About a dozen float32 N x S x S fields (tissue, blobs, noise, RGB optical density)
+    # are alive at once: 48 bytes per pixel value before the uint8 result is made.
+    check_fits_in_memory("synthetic", f"n_samples={n}", n, params.channels, s, 48)
     g = torch.Generator().manual_seed(params.seed)
     y = torch.zeros(n, dtype=torch.int64)
     y[: n // 2] = 1
