@@ -36,6 +36,8 @@ class AdversarialTrainingParams(Params):
 
 
 class AdversarialTraining:
+    stateless = True  # only its params: safe to copy into every Flower ClientApp
+
     def __init__(self, p: AdversarialTrainingParams) -> None:
         self.p = p
 

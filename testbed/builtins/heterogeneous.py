@@ -70,6 +70,8 @@ class PipelinePreprocessor(PreprocessorPyTorch):
 
 
 class HeterogeneousPreprocessing:
+    stateless = True  # only its params: safe to copy into every Flower ClientApp
+
     def __init__(self, p: HeterogeneousParams) -> None:
         self.p = p
 
