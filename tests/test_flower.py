@@ -177,17 +177,102 @@ def test_dp_sgd_client_state_round_trip():
     assert b.epsilon_of(2) == a.epsilon_of(2)
 
 
-def test_stateful_client_plugin_without_client_state_is_rejected():
-    class Counter:
-        def state_dict(self):
-            return {}
+class _Counter:
+    """Keeps state in an instance attribute, with no state_dict and no client_state: the
+    plugin author's case of issue 10 (exit 0 on Flower, empty records)."""
 
-        def testbed_client_update(self, ctx, update):
-            pass
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
 
-    with pytest.raises(RunError, match="Counter keeps state"):
-        check_client_state_support([Counter()])
-    check_client_state_support([DPSGD(DPSGDParams(noise_multiplier=1.0))])
+    def testbed_client_update(self, ctx, update):
+        self.seen[update.client_id] = self.seen.get(update.client_id, 0) + 1
+
+
+class _Declared(_Counter):
+    def client_state(self, cid):
+        return self.seen.get(cid, 0)
+
+    def load_client_state(self, cid, state):
+        self.seen[cid] = state
+
+
+class _Stateless(_Counter):
+    stateless = True
+
+
+class _InputOnly:
+    def testbed_training_inputs(self, batch):
+        pass
+
+
+@pytest.mark.parametrize("obj", [_Counter(), _InputOnly()], ids=["client_update", "inputs"])
+def test_undeclared_client_side_plugin_is_refused(obj):
+    with pytest.raises(RunError, match="declares neither client_state/load_client_state nor"):
+        check_client_state_support([obj])
+
+
+def test_declared_and_builtin_client_side_plugins_pass():
+    from testbed.builtins.adversarial_training import (
+        AdversarialTraining,
+        AdversarialTrainingParams,
+    )
+    from testbed.builtins.dp import PaperDP, PaperDPParams
+    from testbed.builtins.heterogeneous import HeterogeneousParams, HeterogeneousPreprocessing
+    from testbed.builtins.input_defences import JpegParams, build_jpeg
+
+    check_client_state_support(
+        [
+            _Declared(),
+            _Stateless(),
+            DPSGD(DPSGDParams(noise_multiplier=1.0)),
+            PaperDP(PaperDPParams(clip_norm=1.0, noise_multiplier=0.5)),
+            AdversarialTraining(AdversarialTrainingParams()),
+            HeterogeneousPreprocessing(HeterogeneousParams(pipelines=[{}])),
+            build_jpeg(JpegParams()),
+        ]
+    )
+    # `stateless` must be the class's own declaration, and True itself
+    odd = _Counter()
+    odd.stateless = True  # type: ignore[attr-defined]
+    with pytest.raises(RunError):
+        check_client_state_support([odd])
+
+
+@pytest.mark.slow
+def test_undeclared_stateful_defence_on_flower_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    (tmp_path / "counting_defence.py").write_text(
+        textwrap.dedent("""\
+            from testbed import hookimpl
+            from testbed.registry import Params
+
+            class Counting:
+                def __init__(self, params):
+                    self.uploads = 0
+
+                @hookimpl
+                def testbed_client_update(self, ctx, update):
+                    self.uploads += 1
+
+                @hookimpl
+                def testbed_round_end(self, ctx, record):
+                    record["uploads"] = self.uploads
+
+            @hookimpl
+            def testbed_register_defences(registry):
+                registry.add("counting", Counting, params=Params)
+        """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY + '\n[[defences]]\nname = "counting"\n')
+    out = tmp_path / "run"
+    argv = ["-p", "counting_defence", "run", str(scenario), "--out", str(out)]
+    assert main([*argv, "--engine", "flower", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "counting_defence.Counting runs on the clients (testbed_client_update)" in line
+    assert "Traceback" not in err and not out.exists()
 
 
 @pytest.mark.slow

@@ -53,17 +53,40 @@ def run_description(setup: TrainingSetup) -> bytes:
     )
 
 
+CLIENT_SIDE_HOOKS = (
+    "testbed_client_update",
+    "testbed_local_training",
+    "testbed_training_inputs",
+    "testbed_inference_input",
+)
+"""Hooks that run where a client's data lives: in the ClientApp on Flower."""
+
+
+def declares_client_state(obj: object) -> bool:
+    """Whether a plugin object says what Flower must do with its state: carry it per
+    client (``client_state``/``load_client_state``) or nothing (``stateless = True``)."""
+    if callable(getattr(obj, "client_state", None)) and callable(
+        getattr(obj, "load_client_state", None)
+    ):
+        return True
+    return getattr(type(obj), "stateless", False) is True
+
+
 def check_client_state_support(per_run: list[object]) -> None:
-    """A plugin object that keeps state (state_dict) and runs on the client must say what
-    of it belongs to one client, or its state would silently fork across processes."""
+    """Refuse, before training, a client-side plugin object that does not declare its
+    state. On Flower each ClientApp has its own copy of the object: whatever it keeps
+    (counters, per-client facts for `testbed_round_end`) would stay in the client's
+    process and the server's copy would report nothing, with exit code 0. Whether an
+    object keeps state cannot be seen from outside (attributes may be configuration), so
+    it has to say so."""
     for obj in per_run:
-        client_side = any(
-            hasattr(obj, h) for h in ("testbed_local_training", "testbed_client_update")
-        )
-        if client_side and hasattr(obj, "state_dict") and not hasattr(obj, "client_state"):
+        hooks = [h for h in CLIENT_SIDE_HOOKS if hasattr(obj, h)]
+        if hooks and not declares_client_state(obj):
+            name = f"{type(obj).__module__}.{type(obj).__qualname__}"
             raise RunError(
-                f"{type(obj).__name__} keeps state and runs on the clients but has no "
-                "client_state/load_client_state, so it cannot run on the flower engine"
+                f"{name} runs on the clients ({', '.join(hooks)}) but declares neither "
+                "client_state/load_client_state nor `stateless = True`, so the flower "
+                "engine cannot keep its state (see docs/plugins.md)"
             )
 
 
