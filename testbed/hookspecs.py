@@ -55,7 +55,11 @@ def testbed_register_models(registry: KindRegistry) -> None:
 @hookspec
 def testbed_register_aggregators(registry: KindRegistry) -> None:
     """Register aggregators. ``factory(params) -> fn(updates: Tensor[k, d],
-    weights: Tensor[k]) -> Tensor[d]``; weights are training-set fractions summing to 1."""
+    sizes: Tensor[k]) -> Tensor[d]``: the k kept updates (dropped ones are left out) and
+    each one's raw training-set size ``n_train`` as floats, not normalised; an aggregator
+    that weights by them divides by their sum itself (``testbed.numerics.weighted_mean``).
+    Raise ValueError when it cannot aggregate (too few updates): the round keeps the
+    global model and records a server event."""
 
 
 @hookspec
