@@ -182,3 +182,21 @@ def test_validate_rejects_bulyan_multi_krum_and_empty_trim(registry):
     validate_document(
         quickstart(5, {"name": "trimmed_mean", "params": {"beta": 0.2}}), registry, "f.toml"
     )
+
+
+def test_geometric_median_plugin_ignores_sizes_unless_weighted(registry):
+    # {0, 1, 10} on a line: unweighted median 1; with sizes [5, 1, 1] the point 0 outweighs
+    # the other two together and is the weighted geometric median.
+    u = torch.tensor([[0.0, 0], [1, 0], [10, 0]])
+    sizes = torch.tensor([5.0, 1, 1]) / 7
+    plain = registry.build("aggregators", "geometric_median", {})
+    assert torch.allclose(plain(u, sizes), torch.tensor([1.0, 0]), atol=1e-4)
+    weighted = registry.build("aggregators", "geometric_median", {"weighted": True})
+    assert torch.allclose(weighted(u, sizes), torch.zeros(2), atol=1e-4)
+
+
+def test_validate_accepts_geometric_median_and_rejects_bad_params(registry):
+    doc = quickstart(3, {"name": "geometric_median", "params": {"max_iter": 10}})
+    assert validate_document(doc, registry, "f.toml").aggregator.params["max_iter"] == 10
+    (msg,) = messages(quickstart(3, {"name": "geometric_median", "params": {"nu": 0}}), registry)
+    assert "aggregator.params" in msg and "nu" in msg

@@ -19,6 +19,7 @@ from pydantic import Field
 from testbed import hookimpl
 from testbed.registry import KindRegistry, NoParams, Params
 from testbed.robust import bulyan, coordinate_median, krum, multi_krum, trimmed_mean
+from testbed.robust_extra import geometric_median
 
 if TYPE_CHECKING:
     from testbed.scenario import Scenario
@@ -45,6 +46,17 @@ class MultiKrumParams(Params):
 
 class BulyanParams(Params):
     f: int = Field(1, ge=0, description="Byzantine updates tolerated per round.")
+
+
+class GeometricMedianParams(Params):
+    nu: float = Field(1e-6, gt=0, description="Smoothing: distances below nu count as nu.")
+    max_iter: int = Field(100, ge=1, description="Weiszfeld steps at most.")
+    tol: float = Field(
+        1e-6, ge=0, description="Stop when the objective improves by less than tol of itself."
+    )
+    weighted: bool = Field(
+        False, description="Weight by training-set size as RFA does (default: unweighted)."
+    )
 
 
 def build_median(params: NoParams) -> Aggregator:
@@ -79,6 +91,16 @@ def build_multi_krum(params: MultiKrumParams) -> Aggregator:
 def build_bulyan(params: BulyanParams) -> Aggregator:
     def aggregate(updates: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         return bulyan(updates, params.f)
+
+    return aggregate
+
+
+def build_geometric_median(params: GeometricMedianParams) -> Aggregator:
+    def aggregate(updates: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        # Unweighted unless asked: a client could otherwise buy weight by claiming a
+        # large dataset, which is what the rule is meant to resist.
+        weights = sizes if params.weighted else None
+        return geometric_median(updates, weights, params.nu, params.max_iter, params.tol).delta
 
     return aggregate
 
@@ -162,4 +184,10 @@ def testbed_register_aggregators(registry: KindRegistry) -> None:
         params=BulyanParams,
         description="Iterated Krum, then trimmed mean around the median (El Mhamdi et al. 2018)",
         check=check_bulyan,
+    )
+    registry.add(
+        "geometric_median",
+        build_geometric_median,
+        params=GeometricMedianParams,
+        description="Geometric median by smoothed Weiszfeld, RFA (Pillutla et al. 2022)",
     )

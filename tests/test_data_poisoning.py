@@ -1,0 +1,101 @@
+"""Data poisoning: label flips by hand, and ART's trigger landing where expected."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from testbed.data_poisoning import (
+    BackdoorParams,
+    LabelFlipParams,
+    apply_trigger,
+    backdoor,
+    flip_all_labels,
+    flip_source_to_target,
+    poison_indices,
+)
+
+
+def test_flip_all_labels_default_and_permutation():
+    y = torch.tensor([0, 1, 2, 3, 1])
+    # C = 4: y -> 3 - y
+    assert torch.equal(flip_all_labels(y, 4), torch.tensor([3, 2, 1, 0, 2]))
+    # y -> perm[y] with perm = [1, 2, 3, 0]
+    assert torch.equal(flip_all_labels(y, 4, [1, 2, 3, 0]), torch.tensor([1, 2, 3, 0, 2]))
+    # binary task: the two classes swap
+    assert torch.equal(flip_all_labels(torch.tensor([0, 1, 1]), 2), torch.tensor([1, 0, 0]))
+    with pytest.raises(ValueError, match="permutation"):
+        flip_all_labels(y, 4, [0, 0, 1, 2])
+    with pytest.raises(ValueError, match="outside"):
+        flip_all_labels(torch.tensor([5]), 4)
+
+
+def test_flip_source_to_target_touches_only_the_source():
+    y = torch.tensor([0, 1, 2, 1, 0])
+    out = flip_source_to_target(y, source=1, target=2)
+    assert torch.equal(out, torch.tensor([0, 2, 2, 2, 0]))
+    assert torch.equal(y, torch.tensor([0, 1, 2, 1, 0]))  # input untouched
+
+
+def test_label_flip_params():
+    LabelFlipParams(mode="source_target", source=1, target=0)
+    with pytest.raises(ValidationError):
+        LabelFlipParams(mode="source_target", source=1)
+    with pytest.raises(ValidationError):
+        LabelFlipParams(mode="all", target=0)
+
+
+# ART's pattern at distance 2 on an H x W image sets (H-2, W-2), (H-3, W-3), (H-2, W-4)
+# and (H-4, W-2); on 6 x 6: (4, 4), (3, 3), (4, 2), (2, 4). The pixel trigger: (4, 4).
+PATTERN = [(4, 4), (3, 3), (4, 2), (2, 4)]
+
+
+def expected(channels: int, cells: list[tuple[int, int]], value: float, dtype) -> torch.Tensor:
+    e = torch.zeros(1, channels, 6, 6, dtype=dtype)
+    for r, c in cells:
+        e[0, :, r, c] = value
+    return e
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pattern_trigger_lands_bottom_right_on_nchw_float(channels):
+    x = torch.zeros(1, channels, 6, 6)
+    out = apply_trigger(x, "pattern", distance=2)
+    assert torch.equal(out, expected(channels, PATTERN, 1.0, torch.float32))
+    assert out.dtype == torch.float32 and x.abs().sum() == 0  # input untouched
+
+
+def test_pixel_trigger_on_uint8_is_full_brightness():
+    x = torch.zeros(1, 1, 6, 6, dtype=torch.uint8)
+    out = apply_trigger(x, "pixel", distance=2)
+    assert out.dtype == torch.uint8
+    assert torch.equal(out, expected(1, [(4, 4)], 255, torch.uint8))
+
+
+def test_trigger_that_does_not_fit_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_trigger(torch.zeros(1, 1, 3, 3), "pattern", distance=2)
+
+
+def test_backdoor_poisons_the_drawn_share_with_trigger_and_target():
+    # Prepare: 10 grey 6x6 images of class 1; rate 0.3 -> floor(3.0) = 3 poisoned.
+    x = torch.full((10, 1, 6, 6), 100, dtype=torch.uint8)
+    y = torch.ones(10, dtype=torch.long)
+    # Execute
+    xp, yp, idx = backdoor(x, y, target=0, rate=0.3, generator=torch.Generator().manual_seed(1))
+    # Assert: the same indices as poison_indices with the same seed
+    assert torch.equal(idx, poison_indices(10, 0.3, torch.Generator().manual_seed(1)))
+    assert idx.numel() == 3
+    others = torch.ones(10, dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(yp[idx], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(yp[others], y[others]) and torch.equal(xp[others], x[others])
+    for r, c in PATTERN:
+        assert (xp[idx, 0, r, c] == 255).all()
+    assert (xp[idx, 0, 0, 0] == 100).all()  # the rest of the image untouched
+    assert torch.equal(xp[idx], apply_trigger(x[idx]))
+
+
+def test_backdoor_params():
+    assert BackdoorParams().trigger == "pattern"
+    with pytest.raises(ValidationError):
+        BackdoorParams(rate=0)
