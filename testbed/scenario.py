@@ -256,8 +256,11 @@ class Scenario(Strict):
                 )
         dupes = sorted(n for n, k in Counter(a.label for a in self.attacks).items() if k > 1)
         if dupes:
+            # A sweep with repeated values repeats thousands of labels: name a few.
+            more = f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""
             raise ValueError(
-                f"attacks: attack labels must be unique (set `label`); repeated: {', '.join(dupes)}"
+                "attacks: attack labels must be unique (set `label`); repeated: "
+                f"{', '.join(dupes[:5])}{more}"
             )
         last = self.scenario.seed + self.evaluation.repeats - 1
         if self.evaluation.seeds is None and last > MAX_SEED:
