@@ -7,6 +7,8 @@ kept between calls, so another execution engine can drive the same steps.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,14 +19,17 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from testbed.data import augment
+from testbed.pluginmanager import PluginError
 from testbed.scenario import Augment
 from testbed.state import (
+    ENGINE_KEYS,
     Aggregate,
     Broadcast,
     ClientUpdate,
     RoundContext,
     derive_seed,
     generator,
+    plain_value,
 )
 
 Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,6 +143,16 @@ def client_step(
         loss = hooks.testbed_local_training(ctx=ctx, model=model, data=data, cfg=cfg, generator=g)
         if loss is None:
             loss = local_sgd(model, data, cfg, g)
+        elif isinstance(loss, bool) or not isinstance(loss, int | float | torch.Tensor):
+            raise PluginError(
+                f"plugin {_implementers(hooks, 'testbed_local_training')} returned "
+                f"{type(loss).__name__} from testbed_local_training, expected the mean loss"
+            )
+        elif isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise PluginError(
+                f"plugin {_implementers(hooks, 'testbed_local_training')} returned a tensor of "
+                f"shape {tuple(loss.shape)} from testbed_local_training, expected the mean loss"
+            )
     delta = get_weights(model) - received
     update = ClientUpdate(data.client_id, delta, data.n_train, float(loss))
     hooks.testbed_client_update(ctx=ctx, update=update)
@@ -154,37 +169,49 @@ class UpdatePolicy:
     on_excess_norm: str = "drop"
 
 
+def _screen_one(
+    delta: object, expected: torch.Tensor, policy: UpdatePolicy
+) -> tuple[str, str, str, torch.Tensor | None] | None:
+    """(kind, detail, action, delta to keep) for one upload, or None if it passes."""
+    if not isinstance(delta, torch.Tensor) or delta.shape != expected.shape:
+        shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+        return "shape", f"shape {shape}, expected {tuple(expected.shape)}", "dropped", None
+    if not delta.is_floating_point():
+        # integer, bool or complex: not a weight update, whatever its values
+        return "dtype", f"dtype {delta.dtype}, expected a real floating dtype", "dropped", None
+    if not bool(torch.isfinite(delta).all()):
+        kind = "nan" if bool(torch.isnan(delta).any()) else "inf"
+        return kind, f"{int((~torch.isfinite(delta)).sum())} non-finite values", "dropped", None
+    # float64: a float32 norm of finite values can overflow to inf (and clip to zero)
+    norm = float(torch.linalg.vector_norm(delta.to(torch.float64)))
+    if norm <= policy.max_norm and delta.dtype == expected.dtype:
+        return None
+    if norm <= policy.max_norm:  # a real float of another precision: use it, in ours
+        return "", "", "", delta.to(expected.dtype)
+    detail = f"norm {norm:.3g} > {policy.max_norm:g}"
+    if policy.on_excess_norm == "clip":
+        clipped = (delta.to(torch.float64) * (policy.max_norm / norm)).to(expected.dtype)
+        return "norm", detail, "clipped", clipped
+    return "norm", detail, "dropped", None
+
+
 def screen_updates(
     updates: Sequence[ClientUpdate], expected: torch.Tensor, policy: UpdatePolicy
 ) -> list[dict[str, Any]]:
     """Mark broken or hostile uploads before any hook or aggregator sees them; returns
-    one event per finding, for the report."""
+    one event per finding, for the report. Uploads that pass are in ``expected``'s dtype."""
     events = []
     for u in updates:
-        delta = u.delta
-        if not isinstance(delta, torch.Tensor) or delta.shape != expected.shape:
-            shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
-            kind, detail, action = (
-                "shape",
-                f"shape {shape}, expected {tuple(expected.shape)}",
-                "dropped",
-            )
-        elif not bool(torch.isfinite(delta).all()):
-            kind = "nan" if bool(torch.isnan(delta).any()) else "inf"
-            detail, action = f"{int((~torch.isfinite(delta)).sum())} non-finite values", "dropped"
-        else:
-            norm = float(torch.linalg.vector_norm(delta))
-            if norm <= policy.max_norm:
-                continue
-            kind, detail = "norm", f"norm {norm:.3g} > {policy.max_norm:g}"
-            if policy.on_excess_norm == "clip":
-                u.delta = delta * (policy.max_norm / norm)
-                action = "clipped"
-            else:
-                action = "dropped"
+        found = _screen_one(u.delta, expected, policy)
+        if found is None:
+            continue
+        kind, detail, action, keep = found
+        if keep is not None:
+            u.delta = keep
         if action == "dropped":
             u.dropped = f"{kind}: {detail}"
-        events.append({"client": u.client_id, "kind": kind, "detail": detail, "action": action})
+        if action:
+            events.append({"client": u.client_id, "kind": kind, "detail": detail, "action": action})
     return events
 
 
@@ -218,11 +245,26 @@ def server_step(
             events.append(_server_event("aggregator", str(exc)))
     aggregate = Aggregate(delta, [u.client_id for u in kept], events)
     hooks.testbed_after_aggregation(ctx=ctx, aggregate=aggregate)
+    # A server hook (central noise, a defence) can break the model as a client can: the
+    # same screening, and a broken result leaves the global model as it was.
+    found = _screen_one(aggregate.delta, global_weights, UpdatePolicy(math.inf))
+    if found is not None and found[3] is None:
+        aggregate.events.append(_server_event(f"aggregate-{found[0]}", found[1]))
+        aggregate.delta = torch.zeros_like(global_weights)
+    elif found is not None:
+        aggregate.delta = found[3]
     new_global = global_weights + aggregate.delta
     downloads = {}
     for cid in range(ctx.n_clients):
         b = Broadcast(cid, new_global.clone())
         hooks.testbed_broadcast(ctx=ctx, broadcast=b)
+        bad = _screen_one(b.weights, global_weights, UpdatePolicy(math.inf))
+        if bad is not None:
+            # a client must never silently get another model than the mechanism built
+            raise PluginError(
+                f"plugin {_implementers(hooks, 'testbed_broadcast')} broke client {cid}'s "
+                f"download in testbed_broadcast: {bad[1] or 'dtype ' + str(b.weights.dtype)}"
+            )
         downloads[cid] = b.weights
     return new_global, downloads, aggregate
 
@@ -273,8 +315,27 @@ def finish_round(
             str(u.client_id): u.info.get("norm_before_clip", _norm(u.delta)) for u in updates
         },
     }
-    hooks.testbed_round_end(ctx=ctx, record=record)
+    engine_view = {k: _canonical(record[k]) for k in ENGINE_KEYS}
+
+    def check_record() -> None:
+        changed = sorted(k for k in ENGINE_KEYS if _canonical(record.get(k)) != engine_view[k])
+        if changed:
+            raise ValueError(f"changed the engine's record keys {changed}; add keys of its own")
+        for key in [k for k in record if k not in ENGINE_KEYS]:
+            record[key] = plain_value(record[key], f"record[{key!r}]")
+
+    hooks.call_each("testbed_round_end", check_record, ctx=ctx, record=record)
     return FederationState(ctx.round, new_global, downloads, [*state.history, record])
+
+
+def _canonical(value: Any) -> str:
+    """A comparable text of plain values (NaN equals NaN here, unlike in Python)."""
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _implementers(hooks: Any, name: str) -> str:
+    """The plugin(s) implementing hook ``name`` (one-line error messages)."""
+    return " or ".join(repr(n) for n in hooks.implementers(name)) or "?"
 
 
 def run_round(

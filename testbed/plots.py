@@ -131,11 +131,19 @@ def examples_figure(
     return _save(fig, out / f"examples_{_safe(entry)}.png")
 
 
+def _mean_loss(losses: dict[str, float | None]) -> float:
+    """Mean over the clients that have a finite loss; NaN (a gap in the line) if none. A
+    diverged client's NaN comes back from metrics.json as null."""
+    vals = np.array([np.nan if v is None else v for v in losses.values()], dtype=float)
+    finite = vals[np.isfinite(vals)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def training_loss(title: str, metrics: dict[str, Any], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in metrics["repeats"]:
         rounds = [rec["round"] for rec in r["rounds"]]
-        loss = [np.mean(list(rec["train_loss"].values())) for rec in r["rounds"]]
+        loss = [_mean_loss(rec["train_loss"]) for rec in r["rounds"]]
         ax.plot(rounds, loss, marker="o", label=f"seed {r['seed']}")
     ax.set_xlabel("round")
     ax.set_ylabel("mean local training loss")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -77,6 +77,28 @@ class Host:
 class _NamingHooks:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
+
+    def implementers(self, name: str) -> list[str]:
+        return [i.plugin_name for i in getattr(self._pm.hook, name).get_hookimpls()]
+
+    def call_each(self, name: str, after: Callable[[], None], **kwargs: Any) -> None:
+        """Call hook ``name`` one plugin at a time, in pluggy's order, running ``after()``
+        between them; a ValueError or TypeError from ``after`` (a check of what that
+        plugin did) becomes a PluginError naming the plugin."""
+        caller = getattr(self._pm.hook, name)
+        impls = caller.get_hookimpls()
+        for impl in reversed(impls):  # pluggy calls the last of this list first
+            others = [i.plugin for i in impls if i is not impl]
+            single = self._pm.subset_hook_caller(name, remove_plugins=others)
+            try:
+                single(**kwargs)
+                after()
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in {name}: {type(exc).__name__}: {exc}"
+                ) from exc
 
     def __getattr__(self, name: str) -> Any:
         caller = getattr(self._pm.hook, name)

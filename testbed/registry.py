@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+Stage = Literal["training", "inference", "both"]
+"""When a component acts. Only components that act during training are part of the
+federation cache key: changing an inference-only defence never retrains."""
 
 KINDS = (
     "datasets",
@@ -40,6 +44,7 @@ class Component:
     check: Callable[[Any, Any], list[str]] | None = None
     """Optional ``check(params, scenario) -> problems``: rules that need the rest of the
     scenario (e.g. Krum's n > 2f + 2 needs the number of sampled clients)."""
+    stage: Stage = "both"
 
 
 class DuplicateComponentError(ValueError):
@@ -61,7 +66,10 @@ class KindRegistry:
         params: type[BaseModel] = NoParams,
         description: str = "",
         check: Callable[[Any, Any], list[str]] | None = None,
+        stage: Stage = "both",
     ) -> None:
+        """``stage``: "inference" for a component that never changes training (an input
+        transformation at deployment); the default "both" is always safe."""
         if name in self.components:
             other = self.components[name].plugin
             raise DuplicateComponentError(
@@ -73,7 +81,7 @@ class KindRegistry:
                 "must be a pydantic model class"
             )
         self.components[name] = Component(
-            self.kind, name, factory, params, self.current_plugin, description, check
+            self.kind, name, factory, params, self.current_plugin, description, check, stage
         )
 
     def get(self, name: str) -> Component:

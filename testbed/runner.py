@@ -16,8 +16,8 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from rich.progress import (
 from testbed import __version__
 from testbed.builtins.datasets import cache_dir
 from testbed.builtins.partitioners import split_train_test
-from testbed.cache import FederationCache, training_key
+from testbed.cache import BadEntry, FederationCache, check_entry, training_key
 from testbed.data import ImageDataset
 from testbed.engines import Engine, InProcess, TrainingSetup
 from testbed.federation import (
@@ -50,8 +50,22 @@ from testbed.federation import (
     seeded,
     set_weights,
 )
+from testbed.fingerprint import code_fingerprint, data_fingerprint
 from testbed.metrics import mean_std
 from testbed.pluginmanager import Host
+from testbed.rundir import (
+    Checkpoints,
+    RunError,
+    check_same,
+    file_digest,
+    final_dir_of,
+    json_safe,
+    partial_dir,
+    safe_name,
+    staged_run_dir,
+    torch_save_atomic,
+    write_json,
+)
 from testbed.scenario import Scenario, Task, resolved_dict
 from testbed.state import InferenceBatch, derive_seed, generator
 from testbed.transfer import clean_accuracy, deploy, run_attack
@@ -60,9 +74,7 @@ SCHEMA_VERSION = 1
 log = logging.getLogger("testbed")
 log.propagate = False  # ART configures the root logger; our log goes to run.log only
 
-
-class RunError(Exception):
-    """A run cannot proceed because of its input (data, device, folder); one line."""
+__all__ = ["RunError", "final_dir_of", "partial_dir", "run_scenario", "write_json"]
 
 
 def resolve_device(pref: str) -> torch.device:
@@ -74,116 +86,15 @@ def resolve_device(pref: str) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------
-# Files: atomic writes and checkpoints
-# --------------------------------------------------------------------------------------
-
-
-def _json_safe(obj: Any) -> Any:
-    """Strict JSON: NaN (an undefined rate) becomes null, infinity the string "inf"."""
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else ("inf" if math.isinf(obj) else obj)
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    root: Path
-
-    def _dir(self, task: str) -> Path:
-        d = self.root / task
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def save_training(self, task: str, seed: int, payload: dict[str, Any]) -> None:
-        _torch_save_atomic(payload, self._dir(task) / f"seed{seed}.train.pt")
-
-    def load_training(self, task: str, seed: int) -> dict[str, Any] | None:
-        path = self.root / task / f"seed{seed}.train.pt"
-        # weights_only: a checkpoint is data, never code
-        return torch.load(path, weights_only=True) if path.exists() else None
-
-    def save_json(self, task: str, seed: int, kind: str, obj: Any) -> None:
-        write_json(self._dir(task) / f"seed{seed}.{kind}.json", obj)
-
-    def load_json(self, task: str, seed: int, kind: str) -> Any:
-        path = self.root / task / f"seed{seed}.{kind}.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def any(self) -> bool:
-        return self.root.is_dir() and any(self.root.rglob("*.pt"))
-
-
-def safe_name(label: str) -> str:
-    """A label as a file name: letters, digits, '.', '_' and '-' only."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
-
-
-def partial_dir(final: Path) -> Path:
-    return final.parent / f".{final.name}.partial"
-
-
-def final_dir_of(path: Path) -> Path:
-    """Accept either a run folder or its hidden partial folder."""
-    name = path.name
-    if name.startswith(".") and name.endswith(".partial"):
-        return path.parent / name[1 : -len(".partial")]
-    return path
-
-
-@contextmanager
-def staged_run_dir(final: Path, resume: bool) -> Iterator[Path]:
-    """Yield the partial folder; rename it to `final` only when the run completes. On a
-    failure before the first checkpoint the folder is removed (nothing to resume);
-    after that it stays, for `--resume`."""
-    staging = partial_dir(final)
-    if final.exists():
-        raise RunError(f"run folder {final} already exists" + (" (complete)" if resume else ""))
-    if resume:
-        if not staging.is_dir():
-            raise RunError(f"nothing to resume: {staging} does not exist")
-    else:
-        if staging.exists():
-            raise RunError(
-                f"an interrupted run is in {staging}: resume it with "
-                f"`testbed run --resume {final}` or delete it"
-            )
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        if not Checkpoints(staging / "checkpoint").any():
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    os.replace(staging, final)
-
-
-# --------------------------------------------------------------------------------------
 # One task and seed
 # --------------------------------------------------------------------------------------
 
 
-def _client_training_inputs(host: Host, cid: int, x: torch.Tensor) -> torch.Tensor:
+def _client_training_inputs(host: Host, cid: int, x: torch.Tensor, seed: int) -> torch.Tensor:
     """A client's training images through its own input pipeline, if a plugin sets one."""
     if not host.pm.hook.testbed_training_inputs.get_hookimpls():
         return x
-    batch = InferenceBatch(cid, x.float().div(255))
+    batch = InferenceBatch(cid, x.float().div(255), generator(seed, "training-inputs", cid))
     host.hook.testbed_training_inputs(batch=batch)
     return batch.x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
@@ -206,7 +117,7 @@ def make_clients(
                 f"client {cid} got {len(tr)} training and {len(te)} test images; "
                 "use fewer clients or more data"
             )
-        x_train = _client_training_inputs(host, cid, ds.x[tr])
+        x_train = _client_training_inputs(host, cid, ds.x[tr], seed)
         on = [t.to(device) for t in (x_train, ds.y[tr], ds.x[te], ds.y[te])]
         clients.append(ClientData(cid, *on))
     return clients
@@ -277,6 +188,52 @@ class Repeat:
     cache: FederationCache
     use_cache: bool
     examples_dir: Path
+    data_fp: str
+    """The decoded dataset's content fingerprint."""
+    code_fp: dict[str, str]
+    """Module -> source digest of testbed and every loaded plugin."""
+    warn: Callable[[str], None]
+
+
+def training_defences(scenario: Scenario, host: Host) -> list[dict[str, Any]]:
+    """The defences that act during training: the only ones the cache key depends on."""
+    reg = host.registry["defences"]
+    return [
+        d.model_dump(mode="json") for d in scenario.defences if reg.get(d.name).stage != "inference"
+    ]
+
+
+def _load_cached(job: Repeat, key: str, numel: int) -> dict[str, Any] | None:
+    """A usable cache entry, or None; a bad entry is discarded with a warning."""
+    fed = job.scenario.federation
+    try:
+        cached = job.cache.load(key)
+        if cached is not None:
+            check_entry(cached, clients=fed.clients, rounds=fed.rounds, numel=numel)
+    except BadEntry as exc:
+        job.warn(f"cache entry {key} discarded ({exc}); retraining")
+        log.warning("%s seed %d: cache entry %s discarded: %s", job.task.name, job.seed, key, exc)
+        job.cache.discard(key)
+        return None
+    return cached
+
+
+def _load_checkpoint(job: Repeat, numel: int) -> dict[str, Any] | None:
+    saved = job.ckpt.load_training(job.task.name, job.seed)
+    if saved is not None:
+        try:
+            check_entry(
+                {**saved, "privacy": []},
+                clients=job.scenario.federation.clients,
+                rounds=int(saved["round"]),
+                numel=numel,
+            )
+        except (BadEntry, TypeError, ValueError) as exc:
+            raise RunError(
+                f"the training checkpoint of {job.task.name} seed {job.seed} does not belong "
+                f"to this run ({exc})"
+            ) from None
+    return saved
 
 
 def per_run_objects(scenario: Scenario, host: Host) -> list[object]:
@@ -324,9 +281,13 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
         else list(scenario.threat_model.adversaries)
     )
 
-    key = training_key(scenario, task, seed, device)
-    saved = ckpt.load_training(task.name, seed)
-    cached = cache.load(key) if saved is None and job.use_cache else None
+    key = training_key(
+        scenario, task, seed, device, data=job.data_fp, code=job.code_fp,
+        training_defences=training_defences(scenario, host),
+    )  # fmt: skip
+    numel = sum(p.numel() for p in model.parameters())
+    saved = _load_checkpoint(job, numel)
+    cached = _load_cached(job, key, numel) if saved is None and job.use_cache else None
     if cached is not None:
         state = FederationState(
             fed.rounds,
@@ -410,7 +371,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
         set_weights(m, state.client_weights[cid])
         finals.append(m)
     deployed = deploy(finals)
-    acc = clean_accuracy(deployed, clients, host.hook)
+    acc = clean_accuracy(deployed, clients, host.hook, seed)
     attacks: dict[str, Any] = ckpt.load_json(task.name, seed, "attacks") or {}
     bars.reset(attacks_bar, len(scenario.attacks) * len(adversaries), 0)
     for spec in scenario.attacks:
@@ -421,7 +382,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
                 num_classes=len(ds.classes), device=device,
                 on_adversary_done=lambda: bars.advance(attacks_bar),
             )  # fmt: skip
-            _torch_save_atomic(example, job.examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
+            torch_save_atomic(example, job.examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
             ckpt.save_json(task.name, seed, "attacks", attacks)
         else:
             for _ in adversaries:
@@ -455,9 +416,9 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
 def _save_round_weights(job: Repeat, state: FederationState) -> None:
     """The global model after each round (report.save_round_weights), for trajectory
     analysis and the engines' equivalence test."""
-    wdir = job.ckpt.root.parent / "weights" / job.task.name
+    wdir = job.ckpt.root.parent / "weights" / safe_name(job.task.name)
     wdir.mkdir(parents=True, exist_ok=True)
-    _torch_save_atomic(
+    torch_save_atomic(
         state.global_weights.cpu(), wdir / f"seed{job.seed}_round{state.round}_global.pt"
     )
 
@@ -490,6 +451,23 @@ def _num(v: Any) -> float:
     return float(v)
 
 
+def _check_task_data(ckpt: Checkpoints, task: str, ds: ImageDataset) -> str:
+    """The dataset's fingerprint, recorded in the run's manifest the first time; a resume
+    that loads other data (another --data-root, a changed copy) is refused."""
+    fp = data_fingerprint(ds)
+    manifest = ckpt.read_manifest()
+    recorded = manifest.setdefault("data", {})
+    if task in recorded and recorded[task] != fp:
+        raise RunError(
+            f"task {task}: the data differs from the data this run started with "
+            "(another --data-root or a changed dataset); resume with the same data"
+        )
+    if task not in recorded:
+        recorded[task] = fp
+        ckpt.write_manifest(manifest)
+    return fp
+
+
 def run_task(
     scenario: Scenario,
     task: Task,
@@ -500,6 +478,8 @@ def run_task(
     run_dir: Path,
     use_cache: bool,
     engine: Engine,
+    code_fp: dict[str, str],
+    warn: Callable[[str], None],
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = task.data
@@ -509,6 +489,7 @@ def run_task(
         "task %s: %d images %s, loaded in %.1f s", task.name, len(ds), tuple(ds.x.shape[1:]), load_s
     )
     ckpt = Checkpoints(run_dir / "checkpoint")
+    data_fp = _check_task_data(ckpt, task.name, ds)
     cache = FederationCache(cache_dir() / "federations")
     seeds = scenario.seeds()
     repeats = []
@@ -518,20 +499,20 @@ def run_task(
             repeats.append(done)
             continue
         label = task.name + (f" [{r + 1}/{len(seeds)}]" if len(seeds) > 1 else "")
-        examples_dir = run_dir / "examples" / task.name
+        examples_dir = run_dir / "examples" / safe_name(task.name)
         examples_dir.mkdir(parents=True, exist_ok=True)
         job = Repeat(
             scenario, task, host, ds, seed, device, data_root, engine, bars, ckpt, label,
-            cache, use_cache, examples_dir,
+            cache, use_cache, examples_dir, data_fp, code_fp, warn,
         )  # fmt: skip
         metrics, finals = run_repeat(job)
         if scenario.report.save_weights:
-            wdir = run_dir / "weights" / task.name
+            wdir = run_dir / "weights" / safe_name(task.name)
             wdir.mkdir(parents=True, exist_ok=True)
             for cid, m in enumerate(finals):
-                _torch_save_atomic(m.state_dict(), wdir / f"seed{seed}_client{cid}.pt")
+                torch_save_atomic(m.state_dict(), wdir / f"seed{seed}_client{cid}.pt")
         ckpt.save_json(task.name, seed, "done", metrics)
-        repeats.append(json.loads(json.dumps(_json_safe(metrics))))
+        repeats.append(json.loads(json.dumps(json_safe(metrics))))
     return {
         "dataset": {
             "name": spec.name,
@@ -596,6 +577,24 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / "report.md")
 
 
+def _start_or_check_manifest(
+    run_dir: Path, scenario: Scenario, code_fp: dict[str, str], resume: bool
+) -> None:
+    """A new run records what it starts from; a resumed one must match it."""
+    ckpt = Checkpoints(run_dir / "checkpoint")
+    stored = run_dir / "scenario.json"
+    if not resume:
+        write_json(stored, resolved_dict(scenario))
+        ckpt.write_manifest({"scenario_sha256": file_digest(stored), "code": code_fp, "data": {}})
+        return
+    manifest = ckpt.read_manifest()
+    hint = "start a new run"
+    check_same("scenario.json", manifest.get("scenario_sha256"), file_digest(stored), hint)
+    check_same(
+        "code", manifest.get("code"), code_fp, "finish it with the code that started it, or " + hint
+    )
+
+
 def run_scenario(
     scenario: Scenario,
     host: Host,
@@ -624,8 +623,11 @@ def run_scenario(
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         try:
-            if not resume:
-                write_json(run_dir / "scenario.json", resolved_dict(scenario))
+            code_fp = code_fingerprint(host)
+            _start_or_check_manifest(run_dir, scenario, code_fp, resume)
+
+            def warn(message: str) -> None:
+                console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
 
             def run_tasks(engine: Engine) -> dict[str, Any]:
                 tasks = {}
@@ -634,7 +636,7 @@ def run_scenario(
                     for task in scenario.task_list():
                         tasks[task.name] = run_task(
                             scenario, task, host, data_root, device, Bars(progress), run_dir,
-                            use_cache, engine,
+                            use_cache, engine, code_fp, warn,
                         )  # fmt: skip
                 return tasks
 
@@ -661,7 +663,7 @@ def run_scenario(
                 "engine": scenario.engine.model_dump(mode="json"),
                 "timing": {"total_s": time.perf_counter() - t_start},
             }
-            result = json.loads(json.dumps(_json_safe(result)))
+            result = json.loads(json.dumps(json_safe(result)))
             if scenario.report.plots:
                 from testbed.plots import write_plots
 
@@ -669,7 +671,10 @@ def run_scenario(
                 for name, task_result in tasks.items():
                     title = f"{scenario.scenario.name}/{name}"
                     plots += write_plots(
-                        title, task_result, run_dir / "plots" / name, run_dir / "examples" / name
+                        title,
+                        task_result,
+                        run_dir / "plots" / safe_name(name),
+                        run_dir / "examples" / safe_name(name),
                     )
                 result["plots"] = [str(p.relative_to(run_dir)) for p in plots]
             write_json(run_dir / "metrics.json", result)

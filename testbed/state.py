@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,3 +67,42 @@ class Broadcast:
 class InferenceBatch:
     client_id: int
     x: torch.Tensor
+    generator: torch.Generator = field(default_factory=lambda: generator("unseeded"))
+    """Private to the run's seed, the client and what the batch is for (training inputs,
+    clean evaluation, scoring an attack's examples): a randomised input defence draws
+    from it, never from a global RNG, so a run (even from a cached federation) is
+    reproducible."""
+
+
+ENGINE_KEYS = frozenset(
+    {"round", "sampled", "included", "dropped", "events", "train_loss", "update_norm"}
+)
+"""Keys of a round record that the engine writes and the report relies on."""
+
+
+def plain_value(value: Any, where: str) -> Any:
+    """``value`` as plain JSON-able Python (numpy and torch scalars and small arrays
+    become numbers and lists); TypeError naming ``where`` for anything else."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"{where}: key {k!r} is not a string")
+            out[str(k)] = plain_value(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [plain_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, torch.Tensor) and value.numel() <= 10_000 and not value.is_complex():
+        return plain_value(value.detach().cpu().tolist(), where)
+    import numpy as np
+
+    if isinstance(value, np.generic | np.ndarray) and value.size <= 10_000:
+        if np.iscomplexobj(value) or value.dtype.kind not in "biuf":
+            raise TypeError(f"{where}: numpy {value.dtype} is not a plain number")
+        return plain_value(value.tolist(), where)
+    raise TypeError(
+        f"{where}: {type(value).__name__} is not a number, string, list or dict"
+        + (" (or has more than 10,000 values)" if hasattr(value, "shape") else "")
+    )

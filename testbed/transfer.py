@@ -40,10 +40,14 @@ def deploy(models: Sequence[nn.Module]) -> list[Deployed]:
 
 
 @torch.no_grad()
-def predict(d: Deployed, x: torch.Tensor, hooks: Any, batch_size: int = 256) -> torch.Tensor:
+def predict(
+    d: Deployed, x: torch.Tensor, hooks: Any, keys: tuple[object, ...], batch_size: int = 256
+) -> torch.Tensor:
+    """``keys`` (the seed first, then the purpose) seed each batch's generator."""
     preds = []
     for start in range(0, x.shape[0], batch_size):
-        batch = InferenceBatch(d.client_id, x[start : start + batch_size])
+        g = generator(*keys, d.client_id, start)
+        batch = InferenceBatch(d.client_id, x[start : start + batch_size], g)
         hooks.testbed_inference_input(batch=batch)
         preds.append(d.model(batch.x).argmax(1))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
@@ -69,12 +73,13 @@ def attack_pool(data: ClientData, n: int, seed: int) -> tuple[torch.Tensor, torc
 
 
 def clean_accuracy(
-    deployed: Sequence[Deployed], clients: Sequence[ClientData], hooks: Any
+    deployed: Sequence[Deployed], clients: Sequence[ClientData], hooks: Any, seed: int
 ) -> dict[str, float]:
     acc = {}
     for d in deployed:
         test = clients[d.client_id]
-        acc[str(d.client_id)] = accuracy(predict(d, to_unit(test.x_test), hooks), test.y_test)
+        pred = predict(d, to_unit(test.x_test), hooks, (seed, "clean-accuracy"))
+        acc[str(d.client_id)] = accuracy(pred, test.y_test)
     return acc
 
 
@@ -104,7 +109,7 @@ def run_attack(
     for a in adversaries:
         x, y = attack_pool(clients[a], samples, seed)
         counts.append(int(y.shape[0]))
-        clean = [predict(d, x, hooks) for d in deployed]
+        clean = [predict(d, x, hooks, (seed, "attack-clean", spec.label, a)) for d in deployed]
         adaptive = [p for ps in hooks.testbed_attack_preprocessing(client_id=a) for p in ps]
         estimator = PyTorchClassifier(
             deployed[a].model,
@@ -131,7 +136,7 @@ def run_attack(
             costs.append((time.perf_counter() - t0) / batches)
         x_adv = torch.from_numpy(x_adv_np).to(device)
         linf = max(linf, float((x_adv - x).abs().max()))
-        adv = [predict(d, x_adv, hooks) for d in deployed]
+        adv = [predict(d, x_adv, hooks, (seed, "attack-adv", spec.label, a)) for d in deployed]
         if not example:
             example = {
                 "adversary": a,

@@ -60,6 +60,8 @@ class SqueezingParams(InputDefenceParams):
 class InputTransform:
     """Applies one ART preprocessor to every deployed model's input."""
 
+    stateless = True  # a fixed, deterministic transform: safe to copy into every process
+
     def __init__(self, preprocessor: Any, adaptive: bool) -> None:
         self.pre = preprocessor
         self.adaptive = adaptive
@@ -92,14 +94,14 @@ def build_squeezing(p: SqueezingParams) -> InputTransform:
 @hookimpl
 def testbed_register_defences(registry: KindRegistry) -> None:
     registry.add(
-        "jpeg_compression", build_jpeg, params=JpegParams,
+        "jpeg_compression", build_jpeg, params=JpegParams, stage="inference",
         description="ART JPEG compression of every model input (Dziugaite et al. 2016)",
     )  # fmt: skip
     registry.add(
-        "spatial_smoothing", build_smoothing, params=SmoothingParams,
+        "spatial_smoothing", build_smoothing, params=SmoothingParams, stage="inference",
         description="ART median-filter smoothing of every model input (Xu et al. 2018)",
     )  # fmt: skip
     registry.add(
-        "feature_squeezing", build_squeezing, params=SqueezingParams,
+        "feature_squeezing", build_squeezing, params=SqueezingParams, stage="inference",
         description="ART bit-depth reduction of every model input (Xu et al. 2018)",
     )  # fmt: skip

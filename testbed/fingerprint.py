@@ -1,0 +1,89 @@
+"""Fingerprints of what a result was computed from: the decoded data and the code.
+
+A cached federation or a resumed run is only valid for the same data and the same code.
+Paths and version strings are not enough: a data root can hold another copy of a dataset
+under the same name, and an editable install keeps its version while its code changes.
+So both are hashed by content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import sys
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from testbed.data import ImageDataset
+    from testbed.pluginmanager import Host
+
+
+def data_fingerprint(ds: ImageDataset) -> str:
+    """The decoded images, labels and class names (what training and attacks see)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(ds.x.shape), ds.classes)).encode())
+    h.update(ds.x.contiguous().cpu().numpy().tobytes())
+    h.update(ds.y.to(torch.int64).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+def _source_digest(path: Path) -> str:
+    st = path.stat()
+    return _file_digest(str(path), st.st_mtime_ns, st.st_size)
+
+
+def _package_files(module: ModuleType) -> list[Path]:
+    """The .py files of a module, or of every module under a package."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return []
+    path = Path(file)
+    if path.name == "__init__.py":
+        return sorted(path.parent.rglob("*.py"))
+    return [path]
+
+
+def _module_of(obj: object) -> ModuleType | None:
+    if isinstance(obj, ModuleType):
+        return obj
+    return inspect.getmodule(obj) or sys.modules.get(type(obj).__module__)
+
+
+def code_fingerprint(host: Host, extra: Iterable[object] = ()) -> dict[str, str]:
+    """Module name -> content digest, for testbed itself, every loaded plugin and the
+    module of every registered component's factory (and of ``extra`` objects)."""
+    import testbed
+
+    modules: dict[str, ModuleType] = {"testbed": testbed}
+    objs: list[object] = [p for _, p in host.pm.list_name_plugin()]
+    objs += [c.factory for k in host.registry.kinds.values() for c in k.components.values()]
+    objs += list(extra)
+    for obj in objs:
+        mod = _module_of(obj)
+        if mod is not None:
+            modules.setdefault(mod.__name__, mod)
+    out: dict[str, str] = {}
+    for name in sorted(modules):
+        files = _package_files(modules[name])
+        if name != "testbed" and any(
+            str(f).startswith(str(Path(testbed.__file__).parent)) for f in files
+        ):
+            continue  # inside testbed: already covered by the package digest
+        h = hashlib.blake2b(digest_size=16)
+        for f in files:
+            h.update(str(f.name).encode())
+            h.update(_source_digest(f).encode())
+        out[name] = h.hexdigest() if files else "(no source file)"
+    dists = {f"dist:{d}": v for d, v in host.sources.values() if d}
+    return {**out, **dict(sorted(dists.items()))}
