@@ -181,8 +181,8 @@ def build_host(
         except Exception as exc:
             raise PluginError(f"plugin module {modname!r} failed to import: {exc}") from exc
         _register(pm, module, modname)
-    for obj in extra:
-        _register(pm, obj, None)
+    for i, obj in enumerate(extra):
+        _register(pm, obj, f"{type(obj).__module__}.{type(obj).__name__}#{i}")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

@@ -83,6 +83,12 @@ ENGINE_KEYS = frozenset(
 def plain_value(value: Any, where: str) -> Any:
     """``value`` as plain JSON-able Python (numpy and torch scalars and small arrays
     become numbers and lists); TypeError naming ``where`` for anything else."""
+    import numpy as np
+
+    if isinstance(value, np.generic | np.ndarray) and value.size <= 10_000:
+        if np.iscomplexobj(value) or value.dtype.kind not in "biuf":
+            raise TypeError(f"{where}: numpy {value.dtype} is not a plain number")
+        return plain_value(value.tolist(), where)
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, dict):
@@ -96,12 +102,6 @@ def plain_value(value: Any, where: str) -> Any:
         return [plain_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, torch.Tensor) and value.numel() <= 10_000 and not value.is_complex():
         return plain_value(value.detach().cpu().tolist(), where)
-    import numpy as np
-
-    if isinstance(value, np.generic | np.ndarray) and value.size <= 10_000:
-        if np.iscomplexobj(value) or value.dtype.kind not in "biuf":
-            raise TypeError(f"{where}: numpy {value.dtype} is not a plain number")
-        return plain_value(value.tolist(), where)
     raise TypeError(
         f"{where}: {type(value).__name__} is not a number, string, list or dict"
         + (" (or has more than 10,000 values)" if hasattr(value, "shape") else "")

@@ -20,7 +20,7 @@ from testbed.cli import main
 # A dataset read from the data root (so two roots give two datasets under one spec), an
 # attack that stops the run while a marker file exists (Ctrl-C mid-run), and an
 # inference-only defence that draws from the batch's generator.
-PLUGIN = '''
+PLUGIN = """
 import os
 from pathlib import Path
 
@@ -86,7 +86,7 @@ def testbed_register_attacks(registry):
 @hookimpl
 def testbed_register_defences(registry):
     registry.add("input_noise", Noise, params=NoiseParams, stage="inference")
-'''
+"""
 
 NO_DP = TINY.replace(
     '[dp]\nname = "paper_dp"\nparams = { clip_norm = 1.0, noise_multiplier = 0.5 }\n', ""
@@ -146,8 +146,7 @@ def test_cache_key_covers_the_data_content_not_just_its_spec(tmp_path, plugin):
 
 def test_cache_key_covers_plugin_code(tmp_path, plugin):
     root = make_root(tmp_path / "a", 90, 1)
-    code, m1 = run(tmp_path, ["-p", plugin], "one", FILEDATA, ["--data-root", str(root)])
-    assert code == 0
+    assert run(tmp_path, ["-p", plugin], "one", FILEDATA, ["--data-root", str(root)])[0] == 0
     path = tmp_path / "trust_plugin.py"
     path.write_text(path.read_text() + "\n# the same plugin, other code\n")
     code, m2 = run(tmp_path, ["-p", plugin], "two", FILEDATA, ["--data-root", str(root)])
