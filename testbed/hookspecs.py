@@ -92,7 +92,8 @@ def testbed_register_attacks(registry: KindRegistry) -> None:
 def testbed_training_inputs(batch: InferenceBatch) -> None:
     """Once per run and client, before training: ``batch.x`` holds that client's training
     images (float pixels in [0, 1]); change them to give the client its own input
-    pipeline. Pair it with ``testbed_inference_input`` for the client's deployed model."""
+    pipeline. Pair it with ``testbed_inference_input`` for the client's deployed model.
+    Draw any randomness from ``batch.generator`` (fixed by the seed and the client)."""
 
 
 @hookspec(firstresult=True)
@@ -140,7 +141,9 @@ def testbed_round_end(ctx: RoundContext, record: dict[str, Any]) -> None:
 @hookspec
 def testbed_inference_input(batch: InferenceBatch) -> None:
     """Before a deployed client model classifies ``batch.x`` (pixels in [0, 1]), in
-    evaluation and when adversarial examples are scored; e.g. input transformations."""
+    evaluation and when adversarial examples are scored; e.g. input transformations.
+    Draw any randomness from ``batch.generator`` (fixed by the seed, the client and the
+    batch's purpose): it is the same whether training ran or the cache served it."""
 
 
 @hookspec
