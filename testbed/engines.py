@@ -67,6 +67,7 @@ class InProcess:
                 state, setup.model, setup.clients, setup.cfg, setup.aggregator, setup.host.hook,
                 seed=setup.seed, rounds=fed.rounds, m=fed.m, policy=setup.policy,
                 on_client_done=on_client_done,
+                sampling=fed.client_sampling,
             )  # fmt: skip
 
         return step

@@ -95,11 +95,22 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-def sample_clients(seed: int, rnd: int, n_clients: int, m: int) -> tuple[int, ...]:
-    """m of N clients without replacement, fixed by seed and round."""
+def sample_clients(
+    seed: int, rnd: int, n_clients: int, m: int, sampling: str = "fixed"
+) -> tuple[int, ...]:
+    """The round's clients, fixed by seed and round. 'fixed': m of N without replacement.
+    'poisson': each client independently with probability q = m / N (DP-FedAvg, McMahan
+    et al. 2018), so a round may sample none; only this kind of sampling lets a DP
+    accountant claim amplification by q."""
+    g = generator(seed, rnd, "sample")
+    if sampling == "poisson":
+        keep = torch.rand(n_clients, generator=g) < m / n_clients
+        return tuple(torch.nonzero(keep).flatten().tolist())
+    if sampling != "fixed":
+        raise ValueError(f"client sampling {sampling!r}: expected 'fixed' or 'poisson'")
     if m == n_clients:
         return tuple(range(n_clients))
-    perm = torch.randperm(n_clients, generator=generator(seed, rnd, "sample"))
+    perm = torch.randperm(n_clients, generator=g)
     return tuple(sorted(perm[:m].tolist()))
 
 
@@ -274,11 +285,19 @@ def _norm(delta: object) -> float | None:
 
 
 def round_context(
-    state: FederationState, clients: Sequence[ClientData], *, seed: int, rounds: int, m: int
+    state: FederationState,
+    clients: Sequence[ClientData],
+    *,
+    seed: int,
+    rounds: int,
+    m: int,
+    sampling: str = "fixed",
 ) -> RoundContext:
-    """The next round's context: which clients are sampled and their aggregation weights."""
+    """The next round's context: which clients are sampled (``sampling``: 'fixed' or
+    'poisson', see ``sample_clients``) and their aggregation weights. A Poisson round may
+    sample nobody: no weights, and the server keeps the global model."""
     rnd = state.round + 1
-    sampled = sample_clients(seed, rnd, len(clients), m)
+    sampled = sample_clients(seed, rnd, len(clients), m, sampling)
     total = sum(clients[c].n_train for c in sampled)
     return RoundContext(
         seed=seed,
@@ -287,6 +306,9 @@ def round_context(
         n_clients=len(clients),
         sampled=sampled,
         weights={c: clients[c].n_train / total for c in sampled},
+        client_sampling=sampling,
+        sample_rate=m / len(clients),
+        client_sizes=tuple(c.n_train for c in clients),
     )
 
 
@@ -351,9 +373,10 @@ def run_round(
     m: int,
     policy: UpdatePolicy = UpdatePolicy(),
     on_client_done: Callable[[int], None] | None = None,
+    sampling: str = "fixed",
 ) -> FederationState:
     """One round with every sampled client trained in this process, one after another."""
-    ctx = round_context(state, clients, seed=seed, rounds=rounds, m=m)
+    ctx = round_context(state, clients, seed=seed, rounds=rounds, m=m, sampling=sampling)
     updates = []
     for cid in ctx.sampled:
         updates.append(client_step(model, state.client_weights[cid], clients[cid], cfg, ctx, hooks))

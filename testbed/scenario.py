@@ -114,6 +114,13 @@ class Aggregator(Component):
 class Federation(Strict):
     clients: int = Field(3, ge=1, description="N: clients in the federation.")
     sampled: int | None = Field(None, ge=1, description="m: clients per round (None: all).")
+    client_sampling: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="'fixed': exactly m of N without replacement (the paper; DP accounted "
+        "without amplification). 'poisson': each client independently with q = m / N "
+        "(DP-FedAvg, McMahan et al. 2018; accounted with amplification by q); a round may "
+        "then sample nobody and keep the global model.",
+    )
     rounds: int = Field(50, ge=1, description="T: communication rounds.")
     local_epochs: int = Field(20, ge=1, description="E: local epochs per round.")
     batch_size: int = Field(32, ge=1)

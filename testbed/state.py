@@ -32,6 +32,14 @@ class RoundContext:
     sampled: tuple[int, ...]
     weights: dict[int, float]
     """Aggregation weight of each sampled client (training-set fraction, sums to 1)."""
+    client_sampling: str = "fixed"
+    """How ``sampled`` was drawn: 'fixed' (exactly m of N without replacement) or
+    'poisson' (each client independently with ``sample_rate``); DP accounting needs it."""
+    sample_rate: float = 1.0
+    """m / N: the (expected) fraction of clients sampled per round."""
+    client_sizes: tuple[int, ...] = ()
+    """Every client's training-set size (public, as FedAvg's weights are), for DP-FedAvg's
+    fixed-denominator estimator under Poisson sampling."""
 
     def generator(self, *keys: object) -> torch.Generator:
         """A generator private to this seed, round and the given keys."""

@@ -331,3 +331,26 @@ def test_dp_sgd_with_adversarial_training_is_refused(tmp_path, capsys):
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "dp_sgd and adversarial_training both replace local training" in line
     assert not out.exists()
+
+
+def test_93_batches_are_accounted_with_the_q_and_steps_opacus_runs():
+    # Opacus' Poisson loader for 93 batches samples with rate 1/93 but runs
+    # int(1 / (1/93)) = 92 steps and its accountant records q = 1/92; before the fix
+    # testbed calibrated target_epsilon with 1/93 and the run ended at 3.021 > 3.0.
+    assert int(1 / (1 / 93)) == 92
+    cfg = LocalConfig(
+        epochs=1, batch_size=1, lr=0.05, momentum=0.0, weight_decay=0.0,
+        augment=Augment(hflip=False),
+    )  # fmt: skip
+    m = mech(target_epsilon=3.0, delta=1e-5)
+    c = ctx(1, rounds=1)
+    train(m, nn.Sequential(nn.Flatten(), nn.Linear(256, 2)), c, data(n=93), cfg)
+    z = m.noise[0]
+    assert m.accountants[0].history == [(z, 1 / 92, 92)]
+    acc = RDPAccountant()
+    for _ in range(92):
+        acc.step(noise_multiplier=z, sample_rate=1 / 92)
+    spent = m.testbed_privacy_spent()
+    assert spent["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+    assert 0.99 * 3.0 <= spent["epsilon"] <= 3.0
+    assert spent["level"] == "example" and spent["against"] == "server"

@@ -132,10 +132,12 @@ def run_rounds(z: float, rounds: int) -> CentralDP:
 
 
 def test_central_dp_epsilon_matches_opacus_rdp_stepped_by_hand():
-    # Prepare: the same steps by hand, 4 of 8 clients sampled per round
+    # Prepare: the same steps by hand. 4 of 8 clients sampled per round, but without
+    # replacement ('fixed'): no amplification is proven for it, so sample rate 1 (this
+    # test used to expect q = 4/8, the Poisson figure; see tests/test_privacy.py for it).
     acc = RDPAccountant()
     for _ in range(5):
-        acc.step(noise_multiplier=1.1, sample_rate=4 / 8)
+        acc.step(noise_multiplier=1.1, sample_rate=1.0)
     # Execute
     spent = run_rounds(1.1, 5).testbed_privacy_spent()
     # Assert
@@ -148,7 +150,9 @@ def test_central_dp_epsilon_matches_opacus_rdp_stepped_by_hand():
 def test_central_dp_privacy_report_has_the_paper_dp_keys():
     central = run_rounds(1.0, 2).testbed_privacy_spent()
     paper = PaperDP(PaperDPParams(clip_norm=1.0, noise_multiplier=1.0)).testbed_privacy_spent()
-    assert central.keys() == paper.keys()
+    # every DP mechanism says at what level, against whom and under which sampling
+    shared = {"mechanism", "level", "against", "sampling", "epsilon", "epsilon_by_viewpoint"}
+    assert shared <= central.keys() & paper.keys()
     assert central["mechanism"] == "central_dp" and central["level"] == "client"
 
 

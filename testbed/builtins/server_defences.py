@@ -8,15 +8,24 @@ CPU from ``ctx.generator`` and then moved, so a seed gives the same noise on any
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import torch
-from opacus.accountants import create_accountant
 from pydantic import Field
 
 from testbed import hookimpl
 from testbed.numerics import clip_to_norm
+from testbed.privacy import (
+    ALL_RECIPIENTS,
+    ONE_RECIPIENT,
+    PUBLISHED_MODEL,
+    SERVER,
+    accountant_sample_rate,
+    fixed_denominator,
+    opacus_epsilon,
+    sampling_note,
+    viewpoints,
+)
 from testbed.registry import KindRegistry, Params
 from testbed.state import Aggregate, ClientUpdate, RoundContext
 
@@ -104,34 +113,43 @@ class CentralDP:
     ``DifferentialPrivacyServerSideFixedClipping`` (McMahan et al. 2018, DP-FedAvg).
 
     The server clips every received update to norm C, the aggregator combines them, and
-    the server adds Gaussian noise of std z * C / m to the aggregate, m being the number
-    of updates averaged (the sampled clients, fewer if a defence dropped some). The
-    rounds are composed by an Opacus accountant with noise multiplier z and client
-    sampling rate m / N; the guarantee is client-level and, unlike ``paper_dp``, holds
-    for everything the server publishes, colluding recipients included.
+    the server adds Gaussian noise to the aggregate. Everyone, colluding recipients
+    included, sees only that noisy model (the noise stays in it), so the rounds compose
+    by adaptive composition (Opacus' accountant); the guarantee is client-level
+    (add/remove or zero out one client's updates). The server sees the raw updates: this
+    protects the published model, not the uploads.
 
-    Assumption, stated honestly: z * C / m is calibrated to the *uniform* mean of the m
-    clipped updates, whose sensitivity to one client is C / m; Flower makes the same
-    assumption. testbed's FedAvg is weighted by training-set size, so one client's
-    influence is p_i * C with p_i its weight, which exceeds C / m when sizes differ; the
-    noise then corresponds to a smaller effective multiplier z / (m * max_i p_i), which
-    each round's record reports as ``noise_multiplier_if_size_weighted``. The epsilon
-    reported uses z, i.e. it is exact for an unweighted mean (equal client sizes) and
-    optimistic otherwise. Robust aggregators (median, Krum, ...) have different
-    sensitivities; the epsilon does not apply to them.
+    Fixed-size client sampling (m of N without replacement): noise of std z * C / k on the
+    mean of the k kept updates, composed with sample rate 1: no amplification is claimed,
+    none being proven for this sampling here. Assumption, stated honestly: z * C / k is
+    calibrated to the *uniform* mean, whose sensitivity to one client is C / k; Flower
+    makes the same assumption. testbed's FedAvg is weighted by training-set size, so one
+    client's influence is p_i * C, more than C / k when sizes differ; the noise then
+    corresponds to the smaller multiplier z / (k * max_i p_i), which each round's record
+    reports as ``noise_multiplier_if_size_weighted``. The epsilon uses z: exact for equal
+    client sizes, optimistic otherwise.
 
-    The server sees the raw updates: this protects the published model, not the uploads.
+    Poisson client sampling (each client with q = m / N): DP-FedAvg's fixed-denominator
+    estimator sum_k n_k u_k / (q W) (W: all clients' data) with noise of fixed std
+    z * C * max_k n_k / (q W), added every round, even when nobody was sampled. One
+    client then moves the output by at most that std / z whether or not others were
+    sampled, so each round is the sampled Gaussian mechanism (Mironov, Talwar & Zhang
+    2019) that Opacus' accountant composes with rate q; exact for size weighting.
+
+    Robust aggregators (median, Krum, ...) have other sensitivities; the epsilon does not
+    apply to them.
     """
 
     name = "central_dp"
 
     def __init__(self, p: CentralDPParams) -> None:
         self.p = p
-        self.accountant = create_accountant(p.accountant)
         self.noise_std = 0.0
         self.effective_z = p.noise_multiplier
         self.clipped = 0
         self.rounds = 0
+        self.history: list[tuple[float, float, int]] = []
+        self.sampling = ("fixed", 1.0)
 
     @hookimpl
     def testbed_before_aggregation(self, ctx: RoundContext, updates: list[ClientUpdate]) -> None:
@@ -149,38 +167,52 @@ class CentralDP:
 
     @hookimpl
     def testbed_after_aggregation(self, ctx: RoundContext, aggregate: Aggregate) -> None:
-        # A defence that dropped updates leaves a mean over fewer of them, which one
-        # client moves further (C / k); dividing by k keeps the multiplier at z.
-        m = len(aggregate.included) or len(ctx.sampled)
-        # z * C / m assumes the uniform mean Flower uses; testbed's FedAvg is size-weighted,
-        # so record the multiplier that noise amounts to for the weights actually used.
-        self.noise_std = self.p.noise_multiplier * self.p.clip_norm / m
-        weights = [ctx.weights[c] for c in aggregate.included if c in ctx.weights]
-        if weights and self.p.noise_multiplier > 0:
-            p_max = max(weights) / sum(weights)
-            self.effective_z = self.p.noise_multiplier / (m * p_max)
-        else:
-            self.effective_z = self.p.noise_multiplier
+        z, c = self.p.noise_multiplier, self.p.clip_norm
         self.rounds += 1
-        if self.p.noise_multiplier == 0:
+        self.sampling = (ctx.client_sampling, ctx.sample_rate)
+        if ctx.client_sampling == "poisson":
+            scale, p_max = fixed_denominator(ctx.client_sizes, ctx.sample_rate, aggregate.included)
+            aggregate.delta = aggregate.delta * scale
+            self.noise_std = z * c * p_max
+            self.effective_z = z
+        else:
+            # A defence that dropped updates leaves a mean over fewer of them, which one
+            # client moves further (C / k); dividing by k keeps the multiplier at z.
+            k = len(aggregate.included)
+            if k == 0:  # nothing aggregated: no client influenced this round
+                self.noise_std, self.effective_z = 0.0, z
+                return
+            self.noise_std = z * c / k
+            # z * C / k assumes the uniform mean Flower uses; testbed's FedAvg is
+            # size-weighted: record the multiplier that noise amounts to for those weights.
+            weights = [ctx.weights[i] for i in aggregate.included if i in ctx.weights]
+            self.effective_z = z / (k * max(weights) / sum(weights)) if weights else z
+        if z == 0:
             return
         g = ctx.generator(self.name)
         aggregate.delta = aggregate.delta + _gaussian_like(aggregate.delta, self.noise_std, g)
-        self.accountant.step(
-            noise_multiplier=self.p.noise_multiplier,
-            sample_rate=len(ctx.sampled) / ctx.n_clients,
-        )
+        step = (z, accountant_sample_rate(*self.sampling), 1)
+        if self.history and self.history[-1][:2] == step[:2]:  # as Opacus' step merges
+            self.history[-1] = (*step[:2], self.history[-1][2] + 1)
+        else:
+            self.history.append(step)
 
     def epsilon(self) -> float:
         if self.p.noise_multiplier == 0:
             return float("inf")
-        if self.rounds == 0:
-            return 0.0
-        with warnings.catch_warnings():
-            # With tiny noise the optimum sits at Opacus' smallest RDP order; the epsilon is
-            # then huge either way, and the report shows it.
-            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
-            return float(self.accountant.get_epsilon(delta=self.p.delta))
+        return opacus_epsilon(self.p.accountant, self.p.delta, tuple(self.history))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "history": [list(h) for h in self.history],
+            "sampling": list(self.sampling),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = int(state["rounds"])
+        self.history = [(float(z), float(q), int(k)) for z, q, k in state["history"]]
+        self.sampling = (str(state["sampling"][0]), float(state["sampling"][1]))
 
     @hookimpl
     def testbed_round_end(self, ctx: RoundContext, record: dict[str, Any]) -> None:
@@ -193,19 +225,29 @@ class CentralDP:
 
     @hookimpl
     def testbed_privacy_spent(self) -> dict[str, Any]:
+        eps = self.epsilon()
+        poisson = self.sampling[0] == "poisson"
+        note = "the server sees the raw uploads"
+        if not poisson:
+            note += (
+                "; noise calibrated to the unweighted mean of the clipped updates (as "
+                "Flower): optimistic for size-weighted FedAvg with unequal client sizes"
+            )
         return {
             "mechanism": self.name,
             "level": "client",
-            "epsilon": self.epsilon(),
+            "against": PUBLISHED_MODEL,
+            "sampling": sampling_note(*self.sampling, amplified=poisson),
+            "epsilon": eps,
+            "epsilon_by_viewpoint": viewpoints(
+                {SERVER: float("inf"), ONE_RECIPIENT: eps, ALL_RECIPIENTS: eps}
+            ),
             "delta": self.p.delta,
             "accountant": self.p.accountant,
             "clip_norm": self.p.clip_norm,
             "noise_multiplier": self.p.noise_multiplier,
             "rounds_accounted": self.rounds,
-            "note": (
-                "noise calibrated to the unweighted mean of the clipped updates (as Flower); "
-                "optimistic for size-weighted FedAvg with unequal client sizes"
-            ),
+            "note": note,
         }
 
 

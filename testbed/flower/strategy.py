@@ -138,7 +138,10 @@ class TestbedStrategy(Strategy):
         s = self.setup
         assert self.state is not None and server_round == self.state.round + 1
         fed = s.scenario.federation
-        ctx = round_context(self.state, s.clients, seed=s.seed, rounds=fed.rounds, m=fed.m)
+        ctx = round_context(
+            self.state, s.clients, seed=s.seed, rounds=fed.rounds, m=fed.m,
+            sampling=fed.client_sampling,
+        )  # fmt: skip
         self._ctx = ctx
         messages = []
         for cid in ctx.sampled:
