@@ -59,3 +59,54 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     m = mean(vals)
     var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
     return {"mean": m, "std": math.sqrt(var), "n": len(vals)}
+
+
+HEALTHY_MARKERS = ("no_", "normal", "healthy", "negative")
+
+
+def healthy_class(classes: Sequence[str]) -> int:
+    """The class that means "no lesion": the first whose name contains no_, normal, healthy
+    or negative (no_tumor, no_lesion, normal); class 0 when none does."""
+    for i, name in enumerate(classes):
+        if any(m in name.lower() for m in HEALTHY_MARKERS):
+            return i
+    return 0
+
+
+def direction_asr(
+    pred_clean: torch.Tensor, pred_adv: torch.Tensor, healthy: int
+) -> dict[str, float | int]:
+    """ASR of one model split by the direction of the change: among images it predicts as
+    a lesion, the share moved to healthy (the missed diagnosis); among images it predicts
+    healthy, the share moved to a lesion class. A change between two lesion classes counts
+    in neither. NaN where the model predicts no image of that kind (support 0)."""
+    lesion = pred_clean != healthy
+    n_lesion, n_healthy = int(lesion.sum()), int((~lesion).sum())
+    missed = int(((pred_adv == healthy) & lesion).sum())
+    false_alarm = int(((pred_adv != healthy) & ~lesion).sum())
+    return {
+        "lesion_to_healthy": missed / n_lesion if n_lesion else math.nan,
+        "healthy_to_lesion": false_alarm / n_healthy if n_healthy else math.nan,
+        "n_lesion": n_lesion,
+        "n_healthy": n_healthy,
+    }
+
+
+def targeted_success_rate(
+    pred_clean: torch.Tensor, pred_adv: torch.Tensor, target: torch.Tensor
+) -> float:
+    """Share of images not already predicted as their target that now are (NaN if none)."""
+    open_ = pred_clean != target
+    n = int(open_.sum())
+    return int((pred_adv[open_] == target[open_]).sum()) / n if n else math.nan
+
+
+def robust_accuracy(
+    y: torch.Tensor, pred_clean: torch.Tensor, preds_adv: Sequence[torch.Tensor]
+) -> float:
+    """RobustBench's robust accuracy on one pool: the share of images classified correctly
+    clean and under every attack (the strongest attack per image decides)."""
+    ok = pred_clean == y
+    for p in preds_adv:
+        ok &= p == y
+    return int(ok.sum()) / y.numel() if y.numel() else math.nan

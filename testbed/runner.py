@@ -53,6 +53,7 @@ from testbed.federation import (
 from testbed.fingerprint import code_fingerprint, data_fingerprint
 from testbed.metrics import mean_std
 from testbed.pluginmanager import Host
+from testbed.robust_eval import evaluate_repeat, summarise_repeats
 from testbed.rundir import (
     Checkpoints,
     RunError,
@@ -380,7 +381,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
                 spec, deployed, clients, adversaries, host.registry, host.hook,
                 seed=seed, samples=scenario.threat_model.samples_per_adversary,
                 num_classes=len(ds.classes), device=device,
-                on_adversary_done=lambda: bars.advance(attacks_bar),
+                on_adversary_done=lambda: bars.advance(attacks_bar), classes=ds.classes,
             )  # fmt: skip
             torch_save_atomic(example, job.examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
             ckpt.save_json(task.name, seed, "attacks", attacks)
@@ -405,6 +406,10 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
         "acc": acc,
         "acc_mean": sum(acc.values()) / len(acc),
         "attacks": {spec.label: attacks[spec.label] for spec in scenario.attacks},
+        # robust accuracy over the attacks and Carlini et al.'s sanity checks
+        "robustness": evaluate_repeat(
+            {spec.label: attacks[spec.label] for spec in scenario.attacks}
+        ),
         "privacy": privacy,
         "events": events,
         "rounds": state.history,
@@ -439,6 +444,7 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
         "epsilon": mean_std(eps) if eps else None,
         "events": sum(len(r["events"]) for r in repeats),
         "round_s": mean_std([t for r in repeats for t in r["timing"]["round_s"]]),
+        **summarise_repeats(repeats),
     }
 
 

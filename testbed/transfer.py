@@ -11,11 +11,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from art.attacks.evasion import AutoAttack
 from art.estimators.classification import PyTorchClassifier
+from art.estimators.classification.classifier import ClassGradientsMixin
+from art.estimators.estimator import LossGradientsMixin
 from torch import nn
 
 from testbed.federation import ClientData, seeded
-from testbed.metrics import accuracy, attack_success_rate, error_transfer_rate, transfer_summary
+from testbed.metrics import (
+    accuracy,
+    attack_success_rate,
+    direction_asr,
+    error_transfer_rate,
+    healthy_class,
+    mean,
+    targeted_success_rate,
+    transfer_summary,
+)
+from testbed.perceptibility import perceptibility, pool_perceptibility
 from testbed.registry import Registry
 from testbed.scenario import Attack
 from testbed.state import InferenceBatch, derive_seed, generator
@@ -100,11 +113,20 @@ def run_attack(
     num_classes: int,
     device: torch.device,
     on_adversary_done: Callable[[], None] | None = None,
+    classes: Sequence[str] = (),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each adversary crafts on its own model (white-box); every model scores the result.
-    Returns the metrics and one example (the first adversary's first image) for figures."""
+    Returns the metrics and one example (the first adversary's first image) for figures.
+    ``classes`` (the dataset's class names) decide which class is healthy for the split of
+    the ASR by direction; without them class 0 is."""
     asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
+    healthy = healthy_class(classes)
+    directions: list[list[dict[str, float | int]]] = []
+    tsr_rows: list[list[float]] = []
+    percept: list[dict[str, float | int]] = []
+    per_image: dict[str, list[list[int]]] = {"y": [], "pred_clean_own": [], "pred_adv_own": []}
     example: dict[str, Any] = {}
+    attack: Any = None
     adaptive: list[Any] = []
     for a in adversaries:
         x, y = attack_pool(clients[a], samples, seed)
@@ -126,15 +148,21 @@ def run_attack(
         attack = registry.build("attacks", spec.name, spec.params, estimator=estimator)
         x_np = x.cpu().numpy()
         # Label the attack with the adversary's own predictions: the untargeted goal is to
-        # change them (the ASR definition), and ART skips a forward pass.
-        y_np = np.eye(num_classes, dtype=np.float32)[clean[a].cpu().numpy()]
+        # change them (the ASR definition), and ART skips a forward pass. A targeted attack
+        # gets its targets instead (ART reads y as the class to reach).
+        targets = None
+        if spec.params.get("targeted"):
+            targets = target_labels(spec.params.get("target"), clean[a], healthy, num_classes)
+        labels = clean[a] if targets is None else targets
+        y_np = np.eye(num_classes, dtype=np.float32)[labels.cpu().numpy()]
         s = derive_seed(seed, "attack", spec.label, a)
         with numpy_seeded(s), seeded(s, device):
             t0 = time.perf_counter()
             x_adv_np = attack.generate(x=x_np, y=y_np)
             batches = math.ceil(len(x_np) / spec.params.get("batch_size", len(x_np)))
             costs.append((time.perf_counter() - t0) / batches)
-        x_adv = torch.from_numpy(x_adv_np).to(device)
+        # some ART attacks return float64 (HopSkipJump's search): the models take float32
+        x_adv = torch.from_numpy(x_adv_np.astype(x_np.dtype, copy=False)).to(device)
         linf = max(linf, float((x_adv - x).abs().max()))
         adv = [predict(d, x_adv, hooks, (seed, "attack-adv", spec.label, a)) for d in deployed]
         if not example:
@@ -147,6 +175,16 @@ def run_attack(
                 "pred_adv": int(adv[a][0]),
             }
         asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
+        directions.append([direction_asr(clean[t], adv[t], healthy) for t in range(len(deployed))])
+        if targets is not None:
+            tsr_rows.append(
+                [targeted_success_rate(clean[t], adv[t], targets) for t in range(len(deployed))]
+            )
+        percept.append(perceptibility(x, x_adv))
+        # per image on the adversary's own model: robust accuracy over attacks needs them
+        per_image["y"].append(y.cpu().tolist())
+        per_image["pred_clean_own"].append(clean[a].cpu().tolist())
+        per_image["pred_adv_own"].append(adv[a].cpu().tolist())
         for t in range(len(deployed)):
             etr[(a, t)] = error_transfer_rate(adv[a], adv[t], y)[0]
         if on_adversary_done:
@@ -165,4 +203,72 @@ def run_attack(
         "cost_s": costs,
         # which defences the adversary's own model included when crafting (adaptive attack)
         "adaptive_to": sorted({type(p).__name__ for p in adaptive}),
+        "access": access(attack),
+        "budget": budget(spec.params),
+        "targeted": targets is not None,
+        "target": spec.params.get("target"),
+        "healthy_class": {"index": healthy, "name": _class_name(classes, healthy)},
+        "direction": _direction_summary(directions, adversaries),
+        "tsr": tsr_rows or None,
+        "perceptibility": pool_perceptibility(percept) if percept else None,
+        "per_image": per_image,
+        "notes": list(getattr(attack, "testbed_notes", [])),
     }, example
+
+
+def target_labels(
+    target: str | int | None, pred_clean: torch.Tensor, healthy: int, num_classes: int
+) -> torch.Tensor:
+    """One target class per image. "lesion_to_healthy": the healthy class; "healthy_to_lesion":
+    the first class that is not healthy (the lesion class of a binary task); an int: that
+    class."""
+    if target == "lesion_to_healthy":
+        cls = healthy
+    elif target == "healthy_to_lesion":
+        cls = next(c for c in range(num_classes) if c != healthy)
+    elif isinstance(target, int) and 0 <= target < num_classes:
+        cls = target
+    else:
+        raise ValueError(f"target {target!r} is not a class of this task (0..{num_classes - 1})")
+    return torch.full_like(pred_clean, cls)
+
+
+def access(attack: Any) -> str:
+    """What the attack needs of the model, read from what ART requires of its estimator:
+    "white-box" (gradients), else "black-box" (scores or decisions only). AutoAttack asks
+    only for a classifier but its APGD and DeepFool members use gradients: white-box."""
+    if isinstance(attack, AutoAttack):
+        return "white-box"
+    grads = (ClassGradientsMixin, LossGradientsMixin)
+    needs = getattr(attack, "estimator_requirements", None) or ()
+    uses_grads = any(isinstance(r, type) and issubclass(r, grads) for r in needs)
+    return "white-box" if uses_grads else "black-box"
+
+
+def budget(params: dict[str, Any]) -> dict[str, Any] | None:
+    """The threat model an attack's params state: norm and eps; None for minimum-norm
+    attacks (Carlini-Wagner, DeepFool, HopSkipJump), which have no bound."""
+    if "eps" not in params:
+        return None
+    return {"norm": str(params.get("norm", "inf")), "eps": float(params["eps"])}
+
+
+def _class_name(classes: Sequence[str], i: int) -> str:
+    return classes[i] if i < len(classes) else str(i)
+
+
+def _direction_summary(
+    rows: list[list[dict[str, float | int]]], adversaries: Sequence[int]
+) -> dict[str, Any]:
+    """The direction split as adversary x target matrices, and their means over the
+    adversary's own model and over the benign ones (NaN cells, no support, left out)."""
+    out: dict[str, Any] = {}
+    for key in ("lesion_to_healthy", "healthy_to_lesion"):
+        matrix = [[float(cell[key]) for cell in row] for row in rows]
+        cells = [
+            (a, t, v) for a, row in zip(adversaries, matrix, strict=True) for t, v in enumerate(row)
+        ]
+        out[key] = matrix
+        out[f"{key}_own"] = mean([v for a, t, v in cells if a == t and not math.isnan(v)])
+        out[f"{key}_benign"] = mean([v for a, t, v in cells if a != t and not math.isnan(v)])
+    return out
