@@ -37,10 +37,12 @@ def training_key(
     data: str,
     code: dict[str, str],
     training_defences: list[dict[str, Any]],
+    threat: dict[str, Any] | None = None,
 ) -> str:
     """``data``: the dataset's content fingerprint; ``code``: module -> source digest;
     ``training_defences``: the defences that act during training (the others only change
-    inference, which is recomputed from the cached weights)."""
+    inference, which is recomputed from the cached weights); ``threat``: the poisoning
+    attacks and compromised clients, None without poisoning (the key is then unchanged)."""
     fed = scenario.federation.model_dump(mode="json", exclude={"device"})
     inputs = {
         "data": {"spec": task.data.model_dump(mode="json"), "content": data},
@@ -57,6 +59,8 @@ def training_key(
         "seed": seed,
         "code": code,
     }
+    if threat is not None:
+        inputs["threat"] = threat
     blob = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 

@@ -158,6 +158,8 @@ def cmd_plugins(host: Host, console: Console) -> int:
     from rich.markup import escape
     from rich.table import Table
 
+    from testbed.registry import singular
+
     t = Table(title="testbed plugins")
     for col in ("plugin", "distribution", "version", "hooks"):
         t.add_column(col)
@@ -178,7 +180,7 @@ def cmd_plugins(host: Host, console: Console) -> int:
             for i, row in enumerate(rows):
                 first, last = i == 0, i == len(rows) - 1
                 cells = [escape(x) for x in row]  # "tuple[str, ...]" is not rich markup
-                p.add_row(f"{kind[:-1]} {name}" if first else "", *cells, end_section=last)
+                p.add_row(f"{singular(kind)} {name}" if first else "", *cells, end_section=last)
     console.print(c)
     console.print(p)
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -48,6 +48,8 @@ class TrainingSetup:
     policy: UpdatePolicy
     per_run: list[object]
     """The run's DP mechanism and defence objects, registered with the host."""
+    threat: Any = None
+    """The compromised clients and their attacks (``testbed.poisoning_run.Threat``), if any."""
 
 
 class Engine(Protocol):
@@ -66,7 +68,7 @@ class InProcess:
             return run_round(
                 state, setup.model, setup.clients, setup.cfg, setup.aggregator, setup.host.hook,
                 seed=setup.seed, rounds=fed.rounds, m=fed.m, policy=setup.policy,
-                on_client_done=on_client_done,
+                on_client_done=on_client_done, threat=setup.threat,
                 sampling=fed.client_sampling,
             )  # fmt: skip
 

@@ -33,6 +33,8 @@ from testbed.state import (
 )
 
 Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``fn(updates[k, d], sizes[k]) -> delta[d]``, or an object whose ``aggregate(updates,
+sizes, ctx, clients)`` returns a ``Screening`` (delta, per-row weights, kept mask)."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,19 @@ def screen_updates(
     return events
 
 
+def _aggregate(
+    aggregator: Any, stacked: torch.Tensor, sizes: torch.Tensor, ctx: RoundContext, ids: list[int]
+) -> tuple[torch.Tensor, dict[int, float], list[int]]:
+    """(delta, weight per client, clients the rule rejected) from either kind of aggregator."""
+    screen = getattr(aggregator, "aggregate", None)
+    if screen is None:
+        return aggregator(stacked, sizes), {}, []
+    result = screen(stacked, sizes, ctx, ids)
+    weights = dict(zip(ids, (float(w) for w in result.weights), strict=True))
+    kept = [bool(k) for k in result.kept]
+    return result.delta, weights, [c for c, k in zip(ids, kept, strict=True) if not k]
+
+
 def _server_event(kind: str, detail: str) -> dict[str, Any]:
     return {"client": None, "kind": kind, "detail": detail, "action": "global model unchanged"}
 
@@ -242,6 +257,8 @@ def server_step(
     download."""
     updates = list(updates)
     events = screen_updates(updates, global_weights, policy)
+    weights: dict[int, float] = {}
+    rejected: list[int] = []
     hooks.testbed_before_aggregation(ctx=ctx, updates=updates)
     kept = [u for u in updates if u.dropped is None]
     delta = torch.zeros_like(global_weights)
@@ -250,11 +267,12 @@ def server_step(
     else:
         stacked = torch.stack([u.delta for u in kept])
         sizes = torch.tensor([float(u.n_train) for u in kept], device=stacked.device)
+        ids = [u.client_id for u in kept]
         try:
-            delta = aggregator(stacked, sizes)
+            delta, weights, rejected = _aggregate(aggregator, stacked, sizes, ctx, ids)
         except ValueError as exc:  # e.g. Krum after drops left too few updates
             events.append(_server_event("aggregator", str(exc)))
-    aggregate = Aggregate(delta, [u.client_id for u in kept], events)
+    aggregate = Aggregate(delta, [u.client_id for u in kept], events, weights, rejected)
     hooks.testbed_after_aggregation(ctx=ctx, aggregate=aggregate)
     # A server hook (central noise, a defence) can break the model as a client can: the
     # same screening, and a broken result leaves the global model as it was.
@@ -320,9 +338,15 @@ def finish_round(
     hooks: Any,
     policy: UpdatePolicy,
     events: Sequence[dict[str, Any]] = (),
+    threat: Any = None,
 ) -> FederationState:
     """The server's half of a round, whichever engine ran the clients: aggregate, build the
-    downloads and the round's record. ``events`` are the engine's own (e.g. a lost reply)."""
+    downloads and the round's record. ``events`` are the engine's own (e.g. a lost reply).
+    ``threat`` (``testbed.poisoning_run.Threat``) replaces the compromised clients' uploads
+    by their poisoned ones before anything screens them, and records what was caught."""
+    updates = list(updates)
+    if threat is not None:
+        events = [*events, *threat.poison_round(ctx, updates, state.global_weights)]
     new_global, downloads, aggregate = server_step(
         state.global_weights, updates, aggregator, ctx, hooks, policy
     )
@@ -337,7 +361,14 @@ def finish_round(
             str(u.client_id): u.info.get("norm_before_clip", _norm(u.delta)) for u in updates
         },
     }
-    engine_view = {k: _canonical(record[k]) for k in ENGINE_KEYS}
+    if aggregate.weights:
+        record["screening"] = {
+            "weights": {str(c): w for c, w in aggregate.weights.items()},
+            "rejected": aggregate.rejected,
+        }
+    if threat is not None:
+        record.update(threat.round_record(ctx, updates, aggregate.rejected))
+    engine_view = {k: _canonical(record.get(k)) for k in ENGINE_KEYS}
 
     def check_record() -> None:
         changed = sorted(k for k in ENGINE_KEYS if _canonical(record.get(k)) != engine_view[k])
@@ -373,6 +404,7 @@ def run_round(
     m: int,
     policy: UpdatePolicy = UpdatePolicy(),
     on_client_done: Callable[[int], None] | None = None,
+    threat: Any = None,
     sampling: str = "fixed",
 ) -> FederationState:
     """One round with every sampled client trained in this process, one after another."""
@@ -382,4 +414,4 @@ def run_round(
         updates.append(client_step(model, state.client_weights[cid], clients[cid], cfg, ctx, hooks))
         if on_client_done:
             on_client_done(cid)
-    return finish_round(state, ctx, updates, aggregator, hooks, policy)
+    return finish_round(state, ctx, updates, aggregator, hooks, policy, threat=threat)

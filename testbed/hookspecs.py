@@ -59,7 +59,10 @@ def testbed_register_aggregators(registry: KindRegistry) -> None:
     each one's raw training-set size ``n_train`` as floats, not normalised; an aggregator
     that weights by them divides by their sum itself (``testbed.numerics.weighted_mean``).
     Raise ValueError when it cannot aggregate (too few updates): the round keeps the
-    global model and records a server event."""
+    global model and records a server event. Or an object with ``aggregate(updates,
+    sizes, ctx, clients) -> Screening`` (delta, per-row weights, kept mask; ``clients``
+    the rows' client ids), and optionally ``state_dict``/``load_state_dict`` for state
+    kept across rounds: the engine records whom it dropped and checkpoints its state."""
 
 
 @hookspec
@@ -81,6 +84,24 @@ def testbed_register_defences(registry: KindRegistry) -> None:
 def testbed_register_attacks(registry: KindRegistry) -> None:
     """Register evasion attacks. ``factory(params, estimator) -> art EvasionAttack``, where
     ``estimator`` is an ART ``PyTorchClassifier`` with clip_values (0, 1)."""
+
+
+@hookspec
+def testbed_register_poisoning(registry: KindRegistry) -> None:
+    """Register training-time attacks, run by the compromised clients of
+    ``[threat_model]``. ``factory(params) -> object`` with any of these methods:
+
+    - ``poison_data(x, y, num_classes, generator) -> (x, y)``: once per compromised client
+      and run, on its training images (uint8 N x C x H x W) and labels, before training;
+      raise ValueError for a task it cannot attack (e.g. a class that does not exist).
+    - ``poison_update(update, benign, ctx, generator) -> Tensor[d]``: on the server side of
+      each round, before screening, for each sampled compromised client: ``update`` is its
+      honest flat update; ``benign`` the sampled benign clients' updates ``[k, d]`` when
+      ``threat_model.collude`` is true, else None (an attack that needs them refuses to
+      validate without collude, through ``check``).
+    - ``backdoor_test(x, y) -> (x_triggered, target)`` and ``label_map(num_classes) ->
+      list[int]``: what the report measures (backdoor success, targeted error).
+    """
 
 
 # --------------------------------------------------------------------------------------

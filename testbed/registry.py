@@ -20,7 +20,13 @@ KINDS = (
     "dp_mechanisms",
     "defences",
     "attacks",
+    "poisoning",
 )
+
+
+def singular(kind: str) -> str:
+    """One component of a kind, for messages: "datasets" -> "dataset"; "poisoning" stays."""
+    return kind[:-1] if kind.endswith("s") else kind
 
 
 class Params(BaseModel):
@@ -73,11 +79,12 @@ class KindRegistry:
         if name in self.components:
             other = self.components[name].plugin
             raise DuplicateComponentError(
-                f"{self.kind[:-1]} {name!r} registered twice (by {other} and {self.current_plugin})"
+                f"{singular(self.kind)} {name!r} registered twice "
+                f"(by {other} and {self.current_plugin})"
             )
         if not (isinstance(params, type) and issubclass(params, BaseModel)):
             raise TypeError(
-                f"plugin {self.current_plugin}: params for {self.kind[:-1]} {name!r} "
+                f"plugin {self.current_plugin}: params for {singular(self.kind)} {name!r} "
                 "must be a pydantic model class"
             )
         self.components[name] = Component(
@@ -89,7 +96,7 @@ class KindRegistry:
             return self.components[name]
         except KeyError:
             known = ", ".join(sorted(self.components)) or "none"
-            raise KeyError(f"unknown {self.kind[:-1]} {name!r} (known: {known})") from None
+            raise KeyError(f"unknown {singular(self.kind)} {name!r} (known: {known})") from None
 
     def names(self) -> list[str]:
         return sorted(self.components)

@@ -176,6 +176,9 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
             ev.notes.append(f"{len(events) - 20} more in metrics.json")
         out.append(ev)
 
+    from testbed.report_poisoning import poisoning_tables  # it imports this module
+
+    out += poisoning_tables(title, task)
     if name in TABLE_I:
         out += paper_tables(title, name, task)
     rs = summ["round_s"]

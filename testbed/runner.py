@@ -53,6 +53,13 @@ from testbed.federation import (
 from testbed.fingerprint import code_fingerprint, data_fingerprint
 from testbed.metrics import mean_std
 from testbed.pluginmanager import Host
+from testbed.poisoning_run import (
+    build_threat,
+    poisoning_metrics,
+    summarise_poisoning,
+    threat_key,
+    threat_warnings,
+)
 from testbed.robust_eval import evaluate_repeat, summarise_repeats
 from testbed.rundir import (
     Checkpoints,
@@ -69,6 +76,7 @@ from testbed.rundir import (
 )
 from testbed.scenario import Scenario, Task, resolved_dict
 from testbed.state import InferenceBatch, derive_seed, generator
+from testbed.threat import malicious_clients
 from testbed.transfer import clean_accuracy, deploy, run_attack
 
 SCHEMA_VERSION = 1
@@ -110,6 +118,7 @@ def make_clients(
         parts = partition(ds.y, n, generator(seed, "partition"))
     except ValueError as exc:  # the data cannot be split this way: a scenario mistake
         raise RunError(f"partitioner {spec.name!r}: {exc}") from None
+    threat = build_threat(scenario, host, seed)  # compromised clients poison their data here
     clients = []
     for cid, idx in enumerate(parts):
         tr, te = split_train_test(idx, ds.y, spec.train_fraction, generator(seed, "split", cid))
@@ -118,8 +127,11 @@ def make_clients(
                 f"client {cid} got {len(tr)} training and {len(te)} test images; "
                 "use fewer clients or more data"
             )
-        x_train = _client_training_inputs(host, cid, ds.x[tr], seed)
-        on = [t.to(device) for t in (x_train, ds.y[tr], ds.x[te], ds.y[te])]
+        x_tr, y_tr = ds.x[tr], ds.y[tr]
+        if threat is not None:
+            x_tr, y_tr = threat.poison_data(cid, x_tr, y_tr, len(ds.classes), seed)
+        x_train = _client_training_inputs(host, cid, x_tr, seed)
+        on = [t.to(device) for t in (x_train, y_tr, ds.x[te], ds.y[te])]
         clients.append(ClientData(cid, *on))
     return clients
 
@@ -279,12 +291,18 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     adversaries = (
         list(range(fed.clients))
         if scenario.threat_model.adversaries == "rotate"
+        else list(malicious_clients(scenario.threat_model, fed.clients, seed))
+        if scenario.threat_model.adversaries == "malicious"
         else list(scenario.threat_model.adversaries)
     )
+    threat = build_threat(scenario, host, seed)
+    warnings = threat_warnings(scenario, threat) if threat is not None else []
+    for w in warnings:
+        job.warn(w)
 
     key = training_key(
         scenario, task, seed, device, data=job.data_fp, code=job.code_fp,
-        training_defences=training_defences(scenario, host),
+        training_defences=training_defences(scenario, host), threat=threat_key(scenario),
     )  # fmt: skip
     numel = sum(p.numel() for p in model.parameters())
     saved = _load_checkpoint(job, numel)
@@ -311,6 +329,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
         )
         round_times = saved["round_s"]
         _load_plugin_states(per_run, saved["plugins"])
+        _load_plugin_states([aggregator], [saved.get("aggregator")])
         log.info("%s seed %d: resumed after round %d", task.name, seed, state.round)
 
     rounds_bar = bars.add(f"{label} rounds", fed.rounds)
@@ -321,7 +340,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     if state.round < fed.rounds:
         setup = TrainingSetup(
             scenario, task, seed, device, job.data_root, host, model, clients, cfg,
-            aggregator, policy, per_run,
+            aggregator, policy, per_run, threat,
         )  # fmt: skip
         step = job.engine.round_step(setup)
     while state.round < fed.rounds:
@@ -348,6 +367,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
                 "history": state.history,
                 "round_s": round_times,
                 "plugins": _plugin_states(per_run),
+                "aggregator": _plugin_states([aggregator])[0],
             },
         )
         bars.advance(rounds_bar)
@@ -389,6 +409,11 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
             for _ in adversaries:
                 bars.advance(attacks_bar)
     events = [{"round": r["round"], **e} for r in state.history for e in r["events"]]
+    if threat is not None:
+        poisoning = poisoning_metrics(
+            threat, deployed, clients, host.hook, seed=seed, num_classes=len(ds.classes),
+            acc=acc, history=state.history, warnings=warnings,
+        )  # fmt: skip
     metrics = {
         "seed": seed,
         "cache": {"key": key, "hit": cached is not None},
@@ -415,6 +440,8 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
         "rounds": state.history,
         "timing": {"round_s": round_times, "train_s": sum(round_times)},
     }
+    if threat is not None:
+        metrics["poisoning"] = poisoning
     return metrics, finals
 
 
@@ -444,6 +471,7 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
         "epsilon": mean_std(eps) if eps else None,
         "events": sum(len(r["events"]) for r in repeats),
         "round_s": mean_std([t for r in repeats for t in r["timing"]["round_s"]]),
+        **({"poisoning": p} if (p := summarise_poisoning(repeats)) else {}),
         **summarise_repeats(repeats),
     }
 

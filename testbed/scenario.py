@@ -31,8 +31,9 @@ from testbed.problems import (
     pydantic_problems,
     too_deep,
 )
-from testbed.registry import Registry
+from testbed.registry import Registry, singular
 from testbed.sweep import expand_attack_sweeps
+from testbed.threat import threat_problems
 
 MAX_SEED = 2**63 - 1
 """Seeds are 0..2**63-1: every generator (torch, numpy) takes them, and a seed + repeat
@@ -63,6 +64,7 @@ SECTION_KINDS = {
     "dp": "dp_mechanisms",
     "defences": "defences",
     "attacks": "attacks",
+    "poisoning": "poisoning",
 }
 
 
@@ -149,21 +151,43 @@ class Federation(Strict):
 
 
 class ThreatModel(Strict):
-    adversaries: Literal["rotate"] | list[int] = Field(
-        "rotate", description="'rotate': every client takes the adversary role in turn."
+    adversaries: Literal["rotate", "malicious"] | list[int] = Field(
+        "rotate",
+        description="Evasion: 'rotate' (every client in turn), 'malicious' (the compromised "
+        "clients) or a list of client indices.",
     )
     samples_per_adversary: int = Field(100, ge=1, description="Own test images attacked.")
+    malicious: list[int] | None = Field(
+        None, description="Compromised clients that run the [[poisoning]] attacks."
+    )
+    malicious_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Or this share of the clients, round(f * N) >= 1, drawn from the seed.",
+    )
+    collude: bool = Field(
+        False, description="Compromised clients see the round's benign updates (omniscient)."
+    )
 
     @field_validator("adversaries", mode="before")
     @classmethod
     def _rotate_or_indices(cls, v: Any) -> Any:
         # One clear message instead of one per member of the union.
-        ok = v == "rotate" or (
+        ok = v in ("rotate", "malicious") or (
             isinstance(v, list) and all(isinstance(a, int) and not isinstance(a, bool) for a in v)
         )
         if not ok:
-            raise ValueError(f"must be 'rotate' or a list of client indices, got {v!r}")
+            raise ValueError(
+                f"must be 'rotate', 'malicious' or a list of client indices, got {v!r}"
+            )
         return v
+
+    @model_validator(mode="after")
+    def _one_way_to_name_them(self) -> ThreatModel:
+        if self.malicious is not None and self.malicious_fraction is not None:
+            raise ValueError("give malicious or malicious_fraction, not both")
+        return self
 
 
 class Attack(Component):
@@ -240,6 +264,9 @@ class Scenario(Strict):
     defences: list[Component] = Field(default_factory=list)
     threat_model: ThreatModel = Field(default_factory=ThreatModel)
     attacks: list[Attack] = Field(default_factory=list)
+    poisoning: list[Component] = Field(
+        default_factory=list, description="Training-time attacks of the compromised clients."
+    )
     evaluation: Evaluation = Field(default_factory=Evaluation)
     report: Report = Field(default_factory=Report)
     engine: Engine = Field(
@@ -261,6 +288,9 @@ class Scenario(Strict):
                 raise ValueError(
                     f"threat_model.adversaries {bad} out of range 0..{self.federation.clients - 1}"
                 )
+        threat = threat_problems(self.threat_model, self.federation.clients, bool(self.poisoning))
+        if threat:
+            raise ValueError(threat[0])
         dupes = sorted(n for n, k in Counter(a.label for a in self.attacks).items() if k > 1)
         if dupes:
             # A sweep with repeated values repeats thousands of labels: name a few.
@@ -337,9 +367,8 @@ def _check_components(file: str, doc: dict[str, Any], registry: Registry) -> lis
         name = raw["name"]
         if name not in kreg.components:
             known = ", ".join(kreg.names()) or "none installed"
-            problems.append(
-                Problem(file, f"{where}.name", f"unknown {kind[:-1]} {name!r} (known: {known})")
-            )
+            msg = f"unknown {singular(kind)} {name!r} (known: {known})"
+            problems.append(Problem(file, f"{where}.name", msg))
             continue
         params = raw.get("params", {})
         if not isinstance(params, dict):

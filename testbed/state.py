@@ -63,6 +63,11 @@ class Aggregate:
     included: list[int] = field(default_factory=list)
     events: list[dict[str, object]] = field(default_factory=list)
     """What the server noticed this round (dropped or clipped uploads), for the report."""
+    weights: dict[int, float] = field(default_factory=dict)
+    """Each included client's weight as a screening aggregator reports it (its meaning is
+    the rule's); empty for plain aggregators."""
+    rejected: list[int] = field(default_factory=list)
+    """Included clients that a screening aggregator dropped or gave weight zero."""
 
 
 @dataclass
@@ -84,8 +89,10 @@ class InferenceBatch:
 
 ENGINE_KEYS = frozenset(
     {"round", "sampled", "included", "dropped", "events", "train_loss", "update_norm"}
+    | {"screening", "malicious", "detection"}
 )
-"""Keys of a round record that the engine writes and the report relies on."""
+"""Keys of a round record that the engine writes and the report relies on. The last three
+are written only by screening aggregators and runs with compromised clients."""
 
 
 def plain_value(value: Any, where: str) -> Any:

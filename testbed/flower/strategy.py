@@ -191,7 +191,11 @@ class TestbedStrategy(Strategy):
             for c in ctx.sampled if c not in updates
         ]  # fmt: skip
         ordered = [updates[c] for c in ctx.sampled if c in updates]
-        self.state = finish_round(state, ctx, ordered, s.aggregator, s.host.hook, s.policy, events)
+        # Model poisoning runs here, on the server side, where the benign uploads that
+        # colluding attackers read are (docs/flower.md).
+        self.state = finish_round(
+            state, ctx, ordered, s.aggregator, s.host.hook, s.policy, events, threat=s.threat
+        )
         losses = [u.loss for u in ordered]
         loss = sum(losses) / len(losses) if losses else float("nan")
         return to_record(self.state.global_weights), MetricRecord({"train_loss": loss})

@@ -1,0 +1,292 @@
+"""Training-time attacks of the compromised clients: thin plugins over the pure functions
+of ``testbed.poisoning`` (model poisoning) and ``testbed.data_poisoning`` (data
+poisoning). Each object implements part of the contract of
+``testbed_register_poisoning``: ``poison_data`` (once per compromised client, on its
+training data) and/or ``poison_update`` (each round, on its upload), and what the report
+measures (``backdoor_test``, ``label_map``). The papers are cited on the functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from testbed import hookimpl
+from testbed.data_poisoning import (
+    BackdoorParams,
+    LabelFlipParams,
+    apply_trigger,
+    backdoor,
+    flip_all_labels,
+    flip_source_to_target,
+)
+from testbed.poisoning import (
+    ALIEParams,
+    GaussianParams,
+    IPMParams,
+    MinMaxParams,
+    ScaledReplacementParams,
+    SignFlipParams,
+    alie,
+    alie_z,
+    gaussian_update,
+    inner_product_manipulation,
+    min_max,
+    min_sum,
+    replacement_boost,
+    scaled_replacement,
+    sign_flip,
+)
+from testbed.registry import KindRegistry
+from testbed.state import RoundContext
+
+if TYPE_CHECKING:
+    from testbed.scenario import Scenario
+
+
+def _check_class(what: str, c: int, num_classes: int) -> None:
+    if not 0 <= c < num_classes:
+        raise ValueError(
+            f"{what} class {c} does not exist; the task has {num_classes} classes "
+            f"(0..{num_classes - 1})"
+        )
+
+
+# -- data poisoning --------------------------------------------------------------------
+
+
+class LabelFlip:
+    """Label flipping: every class (Fang et al. 2020) or source -> target (Tolpegin et al.
+    2020); see ``testbed.data_poisoning``."""
+
+    def __init__(self, p: LabelFlipParams) -> None:
+        self.p = p
+
+    def label_map(self, num_classes: int) -> list[int]:
+        """The label each class is taught as; the targeted error is measured on it."""
+        if self.p.mode == "source_target":
+            assert self.p.source is not None and self.p.target is not None
+            _check_class("source", self.p.source, num_classes)
+            _check_class("target", self.p.target, num_classes)
+            out = list(range(num_classes))
+            out[self.p.source] = self.p.target
+            return out
+        perm = self.p.permutation or list(range(num_classes - 1, -1, -1))
+        if sorted(perm) != list(range(num_classes)):
+            raise ValueError(
+                f"permutation {perm} is not a permutation of the task's {num_classes} classes"
+            )
+        return list(perm)
+
+    def poison_data(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mapping = self.label_map(num_classes)  # checks the classes first
+        if self.p.source is not None and self.p.target is not None:
+            return x, flip_source_to_target(y, self.p.source, self.p.target)
+        return x, flip_all_labels(y, num_classes, mapping)
+
+
+class Backdoor:
+    """Backdoor with a trigger through ART's PoisoningAttackBackdoor (Gu et al. 2017,
+    BadNets; in FL Bagdasaryan et al. 2020); see ``testbed.data_poisoning.backdoor``."""
+
+    def __init__(self, p: BackdoorParams) -> None:
+        self.p = p
+
+    def poison_data(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_class("target", self.p.target, num_classes)
+        x, y, _ = backdoor(
+            x, y, self.p.target, self.p.rate, generator, self.p.trigger, self.p.distance
+        )
+        return x, y
+
+    def backdoor_test(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Test images with the trigger, and the class the backdoor should make of them."""
+        return apply_trigger(x, self.p.trigger, self.p.distance), self.p.target
+
+
+# -- model poisoning -------------------------------------------------------------------
+
+
+class SignFlip:
+    """Sign flip (Li et al. 2019, RSA); ``testbed.poisoning.sign_flip``."""
+
+    def __init__(self, p: SignFlipParams) -> None:
+        self.p = p
+
+    def poison_update(
+        self,
+        update: torch.Tensor,
+        benign: torch.Tensor | None,
+        ctx: RoundContext,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        return sign_flip(update, self.p.scale)
+
+
+class Gaussian:
+    """Random Gaussian update (Blanchard et al. 2017); ``testbed.poisoning.gaussian_update``."""
+
+    def __init__(self, p: GaussianParams) -> None:
+        self.p = p
+
+    def poison_update(
+        self,
+        update: torch.Tensor,
+        benign: torch.Tensor | None,
+        ctx: RoundContext,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        return gaussian_update(update, self.p.sigma, generator)
+
+
+class ScaledReplacement:
+    """Scaled model replacement (Bagdasaryan et al. 2020); boost default n / eta with n the
+    clients sampled this round and eta = 1 (the server adds the aggregate as is). Exact
+    replacement under FedAvg when the sampled clients hold equal shares of data."""
+
+    def __init__(self, p: ScaledReplacementParams) -> None:
+        self.p = p
+
+    def poison_update(
+        self,
+        update: torch.Tensor,
+        benign: torch.Tensor | None,
+        ctx: RoundContext,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        boost = self.p.boost if self.p.boost is not None else replacement_boost(len(ctx.sampled))
+        return scaled_replacement(update, boost, self.p.norm_bound)
+
+
+class ALIE:
+    """A little is enough (Baruch et al. 2019); z from n (sampled) and m (compromised among
+    them) by the paper's formula unless given."""
+
+    def __init__(self, p: ALIEParams) -> None:
+        self.p = p
+
+    def poison_update(
+        self,
+        update: torch.Tensor,
+        benign: torch.Tensor | None,
+        ctx: RoundContext,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        assert benign is not None  # validation requires collude
+        n = len(ctx.sampled)
+        z = self.p.z if self.p.z is not None else alie_z(n, n - int(benign.shape[0]))
+        return alie(benign, z)
+
+
+class IPM:
+    """Inner-product manipulation (Xie et al. 2020)."""
+
+    def __init__(self, p: IPMParams) -> None:
+        self.p = p
+
+    def poison_update(
+        self,
+        update: torch.Tensor,
+        benign: torch.Tensor | None,
+        ctx: RoundContext,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        assert benign is not None
+        return inner_product_manipulation(benign, self.p.epsilon)
+
+
+class MinMax:
+    """Min-max or min-sum (Shejwalkar & Houmansadr 2021, NDSS)."""
+
+    def __init__(self, p: MinMaxParams, rule: Callable[..., torch.Tensor]) -> None:
+        self.p = p
+        self.rule = rule
+
+    def poison_update(
+        self,
+        update: torch.Tensor,
+        benign: torch.Tensor | None,
+        ctx: RoundContext,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        assert benign is not None
+        return self.rule(benign, self.p.direction, self.p.gamma_init, self.p.tolerance)
+
+
+def needs_collusion(name: str) -> Callable[[Any, Scenario], list[str]]:
+    def check(params: Any, scenario: Scenario) -> list[str]:
+        if not scenario.threat_model.collude:
+            return [
+                f"{name} reads the round's benign updates: it needs threat_model.collude = true"
+            ]
+        return []
+
+    return check
+
+
+@hookimpl
+def testbed_register_poisoning(registry: KindRegistry) -> None:
+    registry.add(
+        "label_flip",
+        LabelFlip,
+        params=LabelFlipParams,
+        description="Flip all labels or source -> target (Fang et al. 2020; Tolpegin et al. 2020)",
+    )
+    registry.add(
+        "backdoor",
+        Backdoor,
+        params=BackdoorParams,
+        description="Trigger + target label on a share of the data, via ART (Gu et al. 2017)",
+    )
+    registry.add(
+        "sign_flip",
+        SignFlip,
+        params=SignFlipParams,
+        description="Upload -scale x the honest update (Li et al. 2019)",
+    )
+    registry.add(
+        "gaussian",
+        Gaussian,
+        params=GaussianParams,
+        description="Upload N(0, sigma^2) noise (Blanchard et al. 2017)",
+    )
+    registry.add(
+        "scaled_replacement",
+        ScaledReplacement,
+        params=ScaledReplacementParams,
+        description="Boost the update by n/eta, optional norm bound (Bagdasaryan et al. 2020)",
+    )
+    registry.add(
+        "alie",
+        ALIE,
+        params=ALIEParams,
+        description="Benign mean - z x std (Baruch et al. 2019); needs collude",
+        check=needs_collusion("alie"),
+    )
+    registry.add(
+        "ipm",
+        IPM,
+        params=IPMParams,
+        description="-epsilon x benign mean (Xie et al. 2020); needs collude",
+        check=needs_collusion("ipm"),
+    )
+    registry.add(
+        "min_max",
+        lambda p: MinMax(p, min_max),
+        params=MinMaxParams,
+        description="Largest step inside the benign spread (Shejwalkar & Houmansadr 2021)",
+        check=needs_collusion("min_max"),
+    )
+    registry.add(
+        "min_sum",
+        lambda p: MinMax(p, min_sum),
+        params=MinMaxParams,
+        description="Largest step within the benign sum of distances (Shejwalkar 2021)",
+        check=needs_collusion("min_sum"),
+    )
