@@ -115,6 +115,36 @@ def test_dp_sgd_and_norm_bound_same_on_flower(tmp_path):
 
 
 @pytest.mark.slow
+def test_poisoning_same_on_flower(tmp_path):
+    """A compromised client poisons its data in its ClientApp (backdoor) and its upload in
+    the Strategy (ALIE, reading the benign uploads there); FoolsGold keeps its state on
+    the server: the same weights every round, the same detection and backdoor metrics."""
+    scenario = tmp_path / "poisoned.toml"
+    scenario.write_text(
+        TINY.replace(
+            "[threat_model]\n",
+            textwrap.dedent("""\
+                [aggregator]
+                name = "foolsgold"
+                [[poisoning]]
+                name = "backdoor"
+                params = { rate = 0.5, target = 1 }
+                [[poisoning]]
+                name = "alie"
+                [threat_model]
+                malicious = [2]
+                collude = true
+            """),
+        )
+    )
+    runs = run_both(tmp_path, scenario)
+    metrics = assert_same_federation(runs, "synthetic", 5, 2)
+    rep = metrics["flower"]["tasks"]["synthetic"]["repeats"][0]
+    assert rep["poisoning"]["malicious"] == [2]
+    assert [r["malicious"] for r in rep["rounds"]] == [[2], [2]]
+
+
+@pytest.mark.slow
 def test_client_plugin_failure_on_flower_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     """A -p plugin module is loaded on the clients too; its exception there comes back as
     the usual one-line error naming the plugin and the hook."""
