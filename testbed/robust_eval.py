@@ -163,7 +163,12 @@ def evaluate_repeat(attacks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 def summarise_repeats(repeats: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Over seeds: robust accuracy (mean over clients) and every flag with its seed."""
-    rob = [r["robustness"]["robust_accuracy"]["mean"] for r in repeats if "robustness" in r]
+    # None: a seed without bounded attacks has no robust accuracy (NaN in metrics.json)
+    rob = [
+        r["robustness"]["robust_accuracy"]["mean"]
+        for r in repeats
+        if "robustness" in r and r["robustness"]["robust_accuracy"]["mean"] is not None
+    ]
     flags = [
         {"seed": r["seed"], **f}
         for r in repeats
