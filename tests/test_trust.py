@@ -277,10 +277,23 @@ def test_resume_refuses_an_edited_scenario_and_a_damaged_checkpoint(tmp_path, pl
     assert main(args) == 2
     assert "scenario.json changed" in capsys.readouterr().err
     stored.write_text(original)
-    (partial / "checkpoint" / "filedata" / "seed5.attacks.json").write_text("{not json")
+    attacks = partial / "checkpoint" / "filedata" / "seed5.attacks.json"
+    finished = attacks.read_text()
+    attacks.write_text("{not json")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "damaged" in err and "Traceback" not in err
+    attacks.write_text(finished)
+    training = partial / "checkpoint" / "filedata" / "seed5.train.pt"
+    training.write_bytes(b"PK\x03\x04 not a checkpoint")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "seed5.train.pt is damaged" in err and "Traceback" not in err
+    torch.save({"round": 1, "global": torch.zeros(3), "clients": {}, "history": [{}]}, training)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not belong to this run" in err and "Traceback" not in err
+    assert partial.is_dir()
 
 
 def test_a_second_writer_is_refused(tmp_path, plugin, capsys):
