@@ -129,3 +129,25 @@ def fixed_denominator(
 def viewpoints(epsilons: dict[str, float]) -> dict[str, Any]:
     """``epsilon_by_viewpoint`` as the report shows it (plain floats)."""
     return {k: float(v) for k, v in epsilons.items()}
+
+
+def report_notes(spent: dict[str, Any]) -> list[str]:
+    """The report's lines under a mechanism's privacy table: its note, whom the epsilon
+    holds against and under which sampling, each viewpoint's epsilon, and an audit's
+    lower bound beside the claim (flagged when it refutes it)."""
+    lines = [str(spent["note"])] if spent.get("note") else []
+    if spent.get("against"):
+        lines.append(
+            f"level {spent.get('level', '?')}; holds against: {spent['against']}; "
+            f"client sampling: {spent.get('sampling', '?')}"
+        )
+    views = spent.get("epsilon_by_viewpoint") or {}
+    if views:
+        lines.append("epsilon by viewpoint: " + "; ".join(f"{k} {v:.4g}" for k, v in views.items()))
+    audit = spent.get("audit")
+    if audit:
+        lines.append(
+            f"audit: claimed epsilon {audit['claimed_epsilon']:.4g}, audited lower bound "
+            f"{audit['lower_bound']:.4g} ({audit['confidence']:.0%} confidence): {audit['verdict']}"
+        )
+    return lines

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.paper import TABLE_I, TABLE_II, paper_attack_labels
+from testbed.privacy import report_notes
 
 
 @dataclass
@@ -157,7 +158,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                         f"{p['noise_multiplier']:g}",
                     ]
                 ],
-                [str(p["note"])] if p.get("note") else [],
+                report_notes(p),
             )
         )
 

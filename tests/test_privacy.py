@@ -127,3 +127,18 @@ def test_gaussian_epsilon_inverts_gaussian_delta():
     prv = PRVAccountant()
     prv.step(noise_multiplier=1.0, sample_rate=1.0)
     assert gaussian_epsilon(1.0, 1e-5) == pytest.approx(prv.get_epsilon(delta=1e-5), rel=0.02)
+
+
+def test_report_notes_state_viewpoints_sampling_and_a_broken_audit():
+    from testbed.privacy import report_notes
+
+    spent = {
+        "note": "n", "level": "client", "against": "x", "sampling": "fixed",
+        "epsilon_by_viewpoint": {"server": math.inf, "one recipient": 3.0},
+        "audit": {"claimed_epsilon": 1.0, "lower_bound": 2.0, "confidence": 0.95,
+                  "verdict": "BROKEN: audited lower bound above the claimed epsilon"},
+    }  # fmt: skip
+    lines = report_notes(spent)
+    assert lines[0] == "n" and "holds against: x" in lines[1] and "sampling: fixed" in lines[1]
+    assert "server inf" in lines[2] and "one recipient 3" in lines[2]
+    assert "lower bound 2" in lines[3] and "BROKEN" in lines[3]
