@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.paper import TABLE_I, TABLE_II, paper_attack_labels
-from testbed.privacy import report_notes
 
 
 @dataclass
@@ -55,6 +54,8 @@ WIDE = 8
 
 
 def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
+    from testbed.report_robustness import robust_cell, robustness_tables  # it imports this module
+
     repeats = task["repeats"]
     n_clients = len(repeats[0]["acc"])
     out = []
@@ -63,12 +64,18 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
     if wide:  # one column per client would not fit: the spread (all values in metrics.json)
         acc = TableData(
             f"{title}: clean accuracy over {n_clients} clients (own test split)",
-            ["seed", "min", "median", "max", "mean", "federation"],
+            ["seed", "min", "median", "max", "mean", "robust ACC", "federation"],
         )
     else:
         acc = TableData(
             f"{title}: clean accuracy per client (own test split)",
-            ["seed", *[f"client {c}" for c in range(n_clients)], "mean", "federation"],
+            [
+                "seed",
+                *[f"client {c}" for c in range(n_clients)],
+                "mean",
+                "robust ACC",
+                "federation",
+            ],
         )
     for r in repeats:
         cache = r.get("cache", {})
@@ -83,6 +90,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                 str(r["seed"]),
                 *cells,
                 pct(r["acc_mean"]),
+                robust_cell(r),
                 "from cache" if cache.get("hit") else "trained",
             ]
         )
@@ -106,6 +114,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
         )
     s.notes.append(f"mean clean ACC {_stat_pct(summ['acc_mean'])}")
     out.append(s)
+    out += robustness_tables(title, task)
 
     first = repeats[0]["attacks"]
     for label, a in first.items():
@@ -158,7 +167,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                         f"{p['noise_multiplier']:g}",
                     ]
                 ],
-                report_notes(p),
+                [str(p["note"])] if p.get("note") else [],
             )
         )
 
@@ -177,9 +186,6 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
             ev.notes.append(f"{len(events) - 20} more in metrics.json")
         out.append(ev)
 
-    from testbed.report_poisoning import poisoning_tables  # it imports this module
-
-    out += poisoning_tables(title, task)
     if name in TABLE_I:
         out += paper_tables(title, name, task)
     rs = summ["round_s"]
