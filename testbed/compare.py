@@ -35,6 +35,7 @@ def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, 
                 "mechanism": ", ".join(p["mechanism"] for p in privacy) or "none",
                 "cache_hits": sum(bool(r.get("cache", {}).get("hit")) for r in task["repeats"]),
                 "attacks": {},
+                "poisoning": summ.get("poisoning"),
             }
             for label, a in summ["attacks"].items():
                 if label not in labels:
@@ -49,13 +50,42 @@ def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, 
     return labels, out
 
 
-def _cells(row: dict[str, Any], labels: list[str]) -> list[str]:
+POISONING_HEADERS = [
+    "ACC benign", "backdoor success", "targeted error", "compr. dropped", "benign dropped",
+]  # fmt: skip
+"""Columns of the training-time attacks, shown when any configuration has them."""
+
+
+def _poisoned(table_rows: list[dict[str, Any]]) -> bool:
+    return any(r.get("poisoning") for r in table_rows)
+
+
+def _poisoning_cells(p: dict[str, Any] | None) -> list[str]:
+    if not p:
+        return ["-"] * len(POISONING_HEADERS)
+
+    def stat(key: str) -> str:
+        s = p[key]["benign"] if key in p else None
+        return pct(s["mean"], s["std"], s["n"]) if s else "-"
+
+    det = p["detection"]
+    caught = [
+        f"{det[k + '_dropped']}/{det[k]}" if det[k] else "0/0" for k in ("malicious", "benign")
+    ]
+    acc = p["acc_benign"]
+    return [pct(acc["mean"], acc["std"], acc["n"]), stat("backdoor_success"),
+            stat("targeted_error"), *caught]  # fmt: skip
+
+
+def _cells(row: dict[str, Any], labels: list[str], poisoned: bool = False) -> list[str]:
     eps = row["epsilon"]
     privacy = "-" if eps is None else f"({eps:.3g}, {row['delta']:g})"
     rob = row.get("robust_acc")
     robust = pct(rob["mean"], rob["std"], rob["n"]) if rob else "n/a"
     cells = [row["config"], pct(row["acc"]["mean"], row["acc"]["std"], row["acc"]["n"]), robust]
     cells.append(privacy)
+    if poisoned:
+        cells += _poisoning_cells(row.get("poisoning"))
     for label in labels:
         a = row["attacks"].get(label)
         if a is None:
@@ -70,8 +100,10 @@ def _cells(row: dict[str, Any], labels: list[str]) -> list[str]:
     return cells
 
 
-def headers(labels: list[str]) -> list[str]:
+def headers(labels: list[str], poisoned: bool = False) -> list[str]:
     h = ["configuration", "clean ACC", "robust ACC", "(epsilon, delta)"]
+    if poisoned:
+        h += POISONING_HEADERS
     for label in labels:
         h += [f"AASR {label}", f"AETR {label}", f"cost {label}"]
     return h
@@ -79,17 +111,19 @@ def headers(labels: list[str]) -> list[str]:
 
 def render(labels: list[str], table_rows: list[dict[str, Any]], console: Console) -> None:
     t = Table(title="Defence comparison (mean ± std over seeds)")
-    for i, h in enumerate(headers(labels)):
+    poisoned = _poisoned(table_rows)
+    for i, h in enumerate(headers(labels, poisoned)):
         t.add_column(h, justify="left" if i == 0 else "right")
     for row in table_rows:
-        t.add_row(*_cells(row, labels))
+        t.add_row(*_cells(row, labels, poisoned))
     console.print(t)
 
 
 def markdown(labels: list[str], table_rows: list[dict[str, Any]]) -> str:
-    h = headers(labels)
+    poisoned = _poisoned(table_rows)
+    h = headers(labels, poisoned)
     lines = ["# Defence comparison", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
-    lines += ["| " + " | ".join(_cells(row, labels)) + " |" for row in table_rows]
+    lines += ["| " + " | ".join(_cells(row, labels, poisoned)) + " |" for row in table_rows]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +142,15 @@ def chart(labels: list[str], table_rows: list[dict[str, Any]], path: Path) -> Pa
             for r in table_rows
         ]
         series.append((f"AASR {label}", vals))
+    for key in ("backdoor_success", "targeted_error"):
+        if any((r.get("poisoning") or {}).get(key) for r in table_rows):
+            vals = [
+                _num(r["poisoning"][key]["benign"]["mean"])
+                if (r.get("poisoning") or {}).get(key)
+                else math.nan
+                for r in table_rows
+            ]
+            series.append((f"{key.replace('_', ' ')} (benign models)", vals))
     x = np.arange(len(names))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 4))

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.paper import TABLE_I, TABLE_II, paper_attack_labels
+from testbed.privacy import report_notes
 
 
 @dataclass
@@ -167,7 +168,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                         f"{p['noise_multiplier']:g}",
                     ]
                 ],
-                [str(p["note"])] if p.get("note") else [],
+                report_notes(p),
             )
         )
 
@@ -186,6 +187,9 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
             ev.notes.append(f"{len(events) - 20} more in metrics.json")
         out.append(ev)
 
+    from testbed.report_poisoning import poisoning_tables  # it imports this module
+
+    out += poisoning_tables(title, task)
     if name in TABLE_I:
         out += paper_tables(title, name, task)
     rs = summ["round_s"]
