@@ -143,11 +143,15 @@ def report_notes(spent: dict[str, Any]) -> list[str]:
         )
     views = spent.get("epsilon_by_viewpoint") or {}
     if views:
-        lines.append("epsilon by viewpoint: " + "; ".join(f"{k} {v:.4g}" for k, v in views.items()))
+        # float(): metrics.json stores infinity as the string "inf"
+        lines.append(
+            "epsilon by viewpoint: " + "; ".join(f"{k} {float(v):.4g}" for k, v in views.items())
+        )
     audit = spent.get("audit")
     if audit:
         lines.append(
-            f"audit: claimed epsilon {audit['claimed_epsilon']:.4g}, audited lower bound "
-            f"{audit['lower_bound']:.4g} ({audit['confidence']:.0%} confidence): {audit['verdict']}"
+            f"audit: claimed epsilon {float(audit['claimed_epsilon']):.4g}, audited lower "
+            f"bound {float(audit['lower_bound']):.4g} ({float(audit['confidence']):.0%} "
+            f"confidence): {audit['verdict']}"
         )
     return lines

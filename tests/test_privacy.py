@@ -134,7 +134,7 @@ def test_report_notes_state_viewpoints_sampling_and_a_broken_audit():
 
     spent = {
         "note": "n", "level": "client", "against": "x", "sampling": "fixed",
-        "epsilon_by_viewpoint": {"server": math.inf, "one recipient": 3.0},
+        "epsilon_by_viewpoint": {"server": "inf", "one recipient": 3.0},  # as in metrics.json
         "audit": {"claimed_epsilon": 1.0, "lower_bound": 2.0, "confidence": 0.95,
                   "verdict": "BROKEN: audited lower bound above the claimed epsilon"},
     }  # fmt: skip
