@@ -403,3 +403,19 @@ def test_poisoned_run_reports_backdoor_detection_and_resumes_exactly(tmp_path, m
     assert main(["run", "--resume", str(out), "--no-progress"]) == 0
     got = json.loads((out / "metrics.json").read_text())
     assert strip_timing(got) == strip_timing(metrics)
+
+
+def test_krum_and_multi_krum_report_whom_they_left_out(host):
+    # Benign updates close together, the compromised one (sign-flipped x10) far away.
+    deltas = [torch.tensor([1.0, 0, 0]), torch.tensor([1.1, 0, 0]), torch.tensor([0.9, 0, 0]),
+              torch.tensor([1.0, 0.1, 0]), torch.tensor([1.0, 0, 0.1])]  # fmt: skip
+    for name, params in (("krum", {"f": 1}), ("multi_krum", {"f": 1, "m": 3})):
+        agg = host.registry.build("aggregators", name, params)
+        t = threat(host, "sign_flip", {"scale": 10.0}, collude=False, malicious=(4,))
+        new, ups = run_round(host, t, deltas, aggregator=agg)
+        rec = new.history[-1]
+        stacked = torch.stack([u.delta for u in ups])
+        assert torch.allclose(new.global_weights - G, agg(stacked, torch.ones(5)))  # same rule
+        assert 4 in rec["screening"]["rejected"]
+        assert len(rec["screening"]["rejected"]) == 5 - params.get("m", 1)
+        assert rec["detection"]["malicious_dropped"] == 1

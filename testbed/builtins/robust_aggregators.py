@@ -18,8 +18,9 @@ from pydantic import Field
 
 from testbed import hookimpl
 from testbed.registry import KindRegistry, NoParams, Params
-from testbed.robust import bulyan, coordinate_median, krum, multi_krum, trimmed_mean
-from testbed.robust_extra import geometric_median
+from testbed.robust import bulyan, coordinate_median, krum, krum_scores, multi_krum, trimmed_mean
+from testbed.robust_extra import Screening, geometric_median
+from testbed.state import RoundContext
 
 if TYPE_CHECKING:
     from testbed.scenario import Scenario
@@ -73,19 +74,40 @@ def build_trimmed_mean(params: TrimmedMeanParams) -> Aggregator:
     return aggregate
 
 
-def build_krum(params: KrumParams) -> Aggregator:
-    def aggregate(updates: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        return krum(updates, params.f)
+class KrumSelection:
+    """Krum (``m`` = 1) or Multi-Krum as a screening aggregator: the same aggregate as
+    ``krum`` / ``multi_krum``, and which updates were selected (weight 1/m each; the
+    others count as dropped in the detection matrix). Callable as a plain aggregator too."""
 
-    return aggregate
+    def __init__(self, f: int, m: int | None, single: bool) -> None:
+        self.f, self.m, self.single = f, m, single
+
+    def _m(self, k: int) -> int:
+        return 1 if self.single else self.m if self.m is not None else k - self.f
+
+    def __call__(self, updates: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        if self.single:
+            return krum(updates, self.f)
+        return multi_krum(updates, self.f, self._m(updates.shape[0]))
+
+    def aggregate(
+        self, updates: torch.Tensor, sizes: torch.Tensor, ctx: RoundContext, clients: list[int]
+    ) -> Screening:
+        delta = self(updates, sizes)  # raises the rule's own ValueError first
+        m = self._m(updates.shape[0])
+        # the order krum and multi_krum choose in (stable: ties to the lowest index)
+        best = torch.argsort(krum_scores(updates, self.f), stable=True)[:m]
+        kept = torch.zeros(updates.shape[0], dtype=torch.bool, device=updates.device)
+        kept[best] = True
+        return Screening(delta, kept.to(updates.dtype) / m, kept)
 
 
-def build_multi_krum(params: MultiKrumParams) -> Aggregator:
-    def aggregate(updates: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        m = params.m if params.m is not None else updates.shape[0] - params.f
-        return multi_krum(updates, params.f, m)
+def build_krum(params: KrumParams) -> KrumSelection:
+    return KrumSelection(params.f, None, single=True)
 
-    return aggregate
+
+def build_multi_krum(params: MultiKrumParams) -> KrumSelection:
+    return KrumSelection(params.f, params.m, single=False)
 
 
 def build_bulyan(params: BulyanParams) -> Aggregator:
