@@ -102,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="re-render a finished run's report (no recomputing)")
     rep.add_argument("run_dir", type=Path)
+
+    aud = sub.add_parser(
+        "audit",
+        help="empirical lower bound on the scenario's DP epsilon (canary audit); "
+        "exit 1 if it exceeds the claim",
+    )
+    aud.add_argument("scenario", type=Path)
+    aud.add_argument("--trials", type=int, default=300, help="canary trials per world")
+    aud.add_argument("--seed", type=int, default=0)
+    aud.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     return p
 
 
@@ -359,6 +369,36 @@ def cmd_report(run_dir: Path, console: Console) -> int:
     return 0
 
 
+def cmd_audit(host: Host, args: argparse.Namespace, console: Console) -> int:
+    """Claimed epsilon beside an audited lower bound (testbed/audit.py); a bound above the
+    claim means the mechanism or its accountant is broken: exit 1, as a failed check."""
+    from rich.console import Console
+
+    from testbed.audit import audit_scenario
+    from testbed.scenario import load_scenario
+
+    if not 10 <= args.trials <= 1_000_000:
+        return _fail(console, "--trials must be between 10 and 1,000,000")
+    if not 0 <= args.seed < 2**63:
+        return _fail(console, "--seed must be between 0 and 2**63 - 1")
+    scenario = load_scenario(args.scenario, host.registry, args.overrides)
+    try:
+        result = audit_scenario(scenario, trials=args.trials, seed=args.seed).as_dict()
+    except ValueError as exc:
+        return _fail(console, f"{args.scenario}: {exc}")
+    out = Console()
+    out.print(
+        "canary setting (the scenario's mechanism and noise, one full-batch step): "
+        f"claimed epsilon {result['claimed_epsilon']:.4g} (delta {result['delta']:g}); "
+        f"audited lower bound {result['lower_bound']:.4g} at confidence "
+        f"{result['confidence']:g} over {result['trials_per_world']} trials per world: "
+        f"{result['verdict']}",
+        markup=False,
+        highlight=False,
+    )
+    return 1 if result["lower_bound"] > result["claimed_epsilon"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -388,6 +428,8 @@ def _main(argv: list[str] | None) -> int:
             return cmd_compare(host, args, console)
         if args.command == "report":
             return cmd_report(args.run_dir, console)
+        if args.command == "audit":
+            return cmd_audit(host, args, console)
         return cmd_run(host, args, console)
     except ScenarioError as exc:
         for problem in exc.problems:

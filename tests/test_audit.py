@@ -2,6 +2,7 @@
 done-when cases on dp_sgd (a correct claim, and a test-only broken accountant)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,14 @@ def test_audit_catches_a_broken_accountant():
     result = audit_dp_sgd(lambda: OverclaimingDPSGD(p), trials=2000, seed=0)
     assert result.lower_bound > result.claimed_epsilon
     assert result.broken and result.as_dict()["verdict"].startswith("BROKEN")
+
+
+def test_audit_command(capsys):
+    from testbed.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main(["audit", str(repo / "scenarios/defenses/dp_sgd.toml"), "--trials", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "audited lower bound" in out and "consistent" in out
+    assert main(["audit", str(repo / "scenarios/quickstart.toml")]) == 2
+    assert "audit supports dp_sgd only" in capsys.readouterr().err
