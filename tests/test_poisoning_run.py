@@ -10,13 +10,14 @@ import pytest
 import torch
 from test_cli import strip_timing
 
+from testbed import compare
 from testbed.builtins.screening_aggregators import CentredClipping, FoolsGold
 from testbed.cache import training_key
 from testbed.cli import main
 from testbed.federation import FederationState, UpdatePolicy, finish_round
 from testbed.pluginmanager import build_host
 from testbed.poisoning import alie, alie_z, min_max, min_sum
-from testbed.poisoning_run import Threat, build_threat, threat_key
+from testbed.poisoning_run import Threat, build_threat, threat_key, threat_warnings
 from testbed.robust_extra import Screening
 from testbed.runner import RunError, make_clients
 from testbed.scenario import ScenarioError, load_scenario
@@ -386,6 +387,10 @@ def test_poisoned_run_reports_backdoor_detection_and_resumes_exactly(tmp_path, m
     }
     assert all(r["detection"]["malicious_dropped"] == 2 for r in rep["rounds"])
     assert "training-time attacks (backdoor, alie)" in (ref / "report.md").read_text()
+    labels, rows = compare.rows({"p": metrics})
+    table = compare.markdown(labels, rows)
+    assert "| backdoor success | targeted error | compr. dropped | benign dropped |" in table
+    assert "| 6/6 | 0/9 |" in table
 
     # Interrupt after round 2's checkpoint; FoolsGold's history must come back on resume.
     real = FoolsGold.aggregate
@@ -419,3 +424,21 @@ def test_krum_and_multi_krum_report_whom_they_left_out(host):
         assert 4 in rec["screening"]["rejected"]
         assert len(rec["screening"]["rejected"]) == 5 - params.get("m", 1)
         assert rec["detection"]["malicious_dropped"] == 1
+
+
+def test_krum_f_below_the_compromised_count_is_a_warning_not_an_error(tmp_path, host):
+    s = scenario(
+        tmp_path,
+        '[aggregator]\nname = "krum"\nparams = { f = 1 }\n'
+        '[threat_model]\nmalicious = [1, 2]\n[[poisoning]]\nname = "sign_flip"\n',
+        host,
+    )
+    (warning,) = threat_warnings(s, build_threat(s, host, 3))
+    assert "krum tolerates f = 1" in warning and "2 clients are compromised" in warning
+    enough = scenario(
+        tmp_path,
+        '[aggregator]\nname = "krum"\nparams = { f = 1 }\n'
+        '[threat_model]\nmalicious = [2]\n[[poisoning]]\nname = "sign_flip"\n',
+        host,
+    )
+    assert threat_warnings(enough, build_threat(enough, host, 3)) == []
