@@ -442,3 +442,17 @@ def test_krum_f_below_the_compromised_count_is_a_warning_not_an_error(tmp_path, 
         host,
     )
     assert threat_warnings(enough, build_threat(enough, host, 3)) == []
+
+
+def test_scaled_replacement_waits_for_its_start_round(tmp_path, host):
+    deltas = [torch.zeros(3)] * 3 + [HONEST]
+    t = threat(host, "scaled_replacement", {"start_round": 2}, collude=False)
+    _, ups = run_round(host, t, deltas)  # round 1
+    assert torch.equal(ups[3].delta, HONEST)
+    msgs = problems(
+        tmp_path,
+        '[threat_model]\nmalicious = [1]\n[[poisoning]]\nname = "scaled_replacement"\n'
+        "params = { start_round = 4 }\n",
+        host,
+    )
+    assert any("start_round 4 > 3 rounds: it never acts" in m for m in msgs), msgs

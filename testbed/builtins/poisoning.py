@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field
 
 from testbed import hookimpl
 from testbed.data_poisoning import (
@@ -145,12 +146,31 @@ class Gaussian:
         return gaussian_update(update, self.p.sigma, generator)
 
 
+class ScaledReplacementRunParams(ScaledReplacementParams):
+    start_round: int = Field(
+        1,
+        ge=1,
+        description="First round of the boosted upload; before it, the honest update. The "
+        "paper replaces the model near convergence, when benign updates nearly cancel.",
+    )
+
+
+def check_start_round(params: ScaledReplacementRunParams, scenario: Scenario) -> list[str]:
+    rounds = scenario.federation.rounds
+    if params.start_round > rounds:
+        return [
+            f"scaled_replacement start_round {params.start_round} > {rounds} rounds: it never acts"
+        ]
+    return []
+
+
 class ScaledReplacement:
     """Scaled model replacement (Bagdasaryan et al. 2020); boost default n / eta with n the
     clients sampled this round and eta = 1 (the server adds the aggregate as is). Exact
-    replacement under FedAvg when the sampled clients hold equal shares of data."""
+    replacement under FedAvg when the sampled clients hold equal shares of data. From
+    ``start_round`` on; before it the client uploads its honest update."""
 
-    def __init__(self, p: ScaledReplacementParams) -> None:
+    def __init__(self, p: ScaledReplacementRunParams) -> None:
         self.p = p
 
     def poison_update(
@@ -160,6 +180,8 @@ class ScaledReplacement:
         ctx: RoundContext,
         generator: torch.Generator,
     ) -> torch.Tensor:
+        if ctx.round < self.p.start_round:
+            return update
         boost = self.p.boost if self.p.boost is not None else replacement_boost(len(ctx.sampled))
         return scaled_replacement(update, boost, self.p.norm_bound)
 
@@ -259,8 +281,9 @@ def testbed_register_poisoning(registry: KindRegistry) -> None:
     registry.add(
         "scaled_replacement",
         ScaledReplacement,
-        params=ScaledReplacementParams,
+        params=ScaledReplacementRunParams,
         description="Boost the update by n/eta, optional norm bound (Bagdasaryan et al. 2020)",
+        check=check_start_round,
     )
     registry.add(
         "alie",
