@@ -142,10 +142,42 @@ def sanity_table(title: str, repeats: list[dict[str, Any]]) -> list[TableData]:
     return [t]
 
 
+def outsider_table(title: str, repeats: list[dict[str, Any]]) -> list[TableData]:
+    with_outsider = [r for r in repeats if r.get("outsider")]
+    if not with_outsider:
+        return []
+    t = TableData(
+        f"{title}: outsider (surrogate trained on its own data only) beside the insider, "
+        "mean over seeds",
+        ["attack", "insider ASR benign", "outsider ASR, all models", "outsider ASR surrogate"],
+    )
+
+    def mean_of(values: list[float]) -> float:
+        vals = [v for v in values if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    for label in with_outsider[0]["outsider"]:
+        insider = mean_of([_num(r["attacks"][label]["aasr_benign"]) for r in with_outsider])
+        outside = mean_of([_num(r["outsider"][label]["aasr"]) for r in with_outsider])
+        on_surrogate = mean_of(
+            [_num(v) for r in with_outsider for v in r["outsider"][label]["asr_crafting"] or []]
+        )
+        t.rows.append([label, pct(insider), pct(outside), pct(on_surrogate)])
+    acc = [
+        _num(v)
+        for r in with_outsider
+        for v in next(iter(r["outsider"].values()))["surrogate_acc"].values()
+    ]
+    t.notes.append(f"surrogates' accuracy on their owners' test splits: {pct(mean_of(acc))}")
+    t.notes.append("outsider ASR over every client's federated model, the adversary's included")
+    return [t]
+
+
 def robustness_tables(title: str, task: dict[str, Any]) -> list[TableData]:
     repeats = task["repeats"]
     return (
         robust_table(title, repeats)
         + direction_table(title, repeats)
         + sanity_table(title, repeats)
+        + outsider_table(title, repeats)
     )

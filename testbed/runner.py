@@ -52,6 +52,7 @@ from testbed.federation import (
 )
 from testbed.fingerprint import code_fingerprint, data_fingerprint
 from testbed.metrics import mean_std
+from testbed.outsider import run_outsider
 from testbed.pluginmanager import Host
 from testbed.poisoning_run import (
     build_threat,
@@ -408,6 +409,17 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
         else:
             for _ in adversaries:
                 bars.advance(attacks_bar)
+    outsider = None
+    if scenario.outsider is not None:  # crafted on surrogates trained on own data only
+        outsider = run_outsider(
+            scenario.attacks, deployed, clients, adversaries,
+            lambda: build_model(scenario, host, ds, derive_seed(seed, "outsider")),
+            cfg, scenario.outsider.epochs, host.registry, host.hook,
+            seed=seed, samples=scenario.threat_model.samples_per_adversary,
+            num_classes=len(ds.classes), device=device, classes=ds.classes,
+            done=ckpt.load_json(task.name, seed, "outsider"),
+            on_attack_done=lambda r: ckpt.save_json(task.name, seed, "outsider", r),
+        )  # fmt: skip
     events = [{"round": r["round"], **e} for r in state.history for e in r["events"]]
     if threat is not None:
         poisoning = poisoning_metrics(
@@ -442,6 +454,8 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     }
     if threat is not None:
         metrics["poisoning"] = poisoning
+    if outsider is not None:
+        metrics["outsider"] = outsider
     return metrics, finals
 
 

@@ -205,6 +205,13 @@ class Attack(Component):
         return self
 
 
+class Outsider(Strict):
+    """An adversary without the federated model: it crafts on a surrogate of the same
+    architecture trained only on its own training data (testbed/outsider.py)."""
+
+    epochs: int = Field(ge=1, description="Epochs of training the surrogate on its data.")
+
+
 class Evaluation(Strict):
     repeats: int = Field(
         1, ge=1, le=MAX_REPEATS, description="Independent runs (train + attack) per scenario."
@@ -264,6 +271,9 @@ class Scenario(Strict):
     defences: list[Component] = Field(default_factory=list)
     threat_model: ThreatModel = Field(default_factory=ThreatModel)
     attacks: list[Attack] = Field(default_factory=list)
+    outsider: Outsider | None = Field(
+        None, description="Also craft every attack on a surrogate trained on own data only."
+    )
     poisoning: list[Component] = Field(
         default_factory=list, description="Training-time attacks of the compromised clients."
     )

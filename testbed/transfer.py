@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -114,11 +114,13 @@ def run_attack(
     device: torch.device,
     on_adversary_done: Callable[[], None] | None = None,
     classes: Sequence[str] = (),
+    crafting: Mapping[int, nn.Module] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each adversary crafts on its own model (white-box); every model scores the result.
     Returns the metrics and one example (the first adversary's first image) for figures.
     ``classes`` (the dataset's class names) decide which class is healthy for the split of
-    the ASR by direction; without them class 0 is."""
+    the ASR by direction; without them class 0 is. ``crafting`` (the outsider) gives each
+    adversary another model to craft on (a surrogate) in place of its federated one."""
     asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
     healthy = healthy_class(classes)
     directions: list[list[dict[str, float | int]]] = []
@@ -127,14 +129,18 @@ def run_attack(
     per_image: dict[str, list[list[int]]] = {"y": [], "pred_clean_own": [], "pred_adv_own": []}
     example: dict[str, Any] = {}
     attack: Any = None
+    asr_crafting: list[float] = []
     adaptive: list[Any] = []
     for a in adversaries:
         x, y = attack_pool(clients[a], samples, seed)
         counts.append(int(y.shape[0]))
         clean = [predict(d, x, hooks, (seed, "attack-clean", spec.label, a)) for d in deployed]
         adaptive = [p for ps in hooks.testbed_attack_preprocessing(client_id=a) for p in ps]
+        crafter = deployed[a].model if crafting is None else crafting[a]
+        # the model the adversary crafts on labels the attack (its own predictions)
+        own = clean[a] if crafting is None else _plain_predict(crafter, x)
         estimator = PyTorchClassifier(
-            deployed[a].model,
+            crafter,
             loss=nn.CrossEntropyLoss(),
             input_shape=tuple(x.shape[1:]),
             nb_classes=num_classes,
@@ -152,8 +158,8 @@ def run_attack(
         # gets its targets instead (ART reads y as the class to reach).
         targets = None
         if spec.params.get("targeted"):
-            targets = target_labels(spec.params.get("target"), clean[a], healthy, num_classes)
-        labels = clean[a] if targets is None else targets
+            targets = target_labels(spec.params.get("target"), own, healthy, num_classes)
+        labels = own if targets is None else targets
         y_np = np.eye(num_classes, dtype=np.float32)[labels.cpu().numpy()]
         s = derive_seed(seed, "attack", spec.label, a)
         with numpy_seeded(s), seeded(s, device):
@@ -175,6 +181,8 @@ def run_attack(
                 "pred_adv": int(adv[a][0]),
             }
         asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
+        if crafting is not None:
+            asr_crafting.append(attack_success_rate(own, _plain_predict(crafter, x_adv)))
         directions.append([direction_asr(clean[t], adv[t], healthy) for t in range(len(deployed))])
         if targets is not None:
             tsr_rows.append(
@@ -213,7 +221,16 @@ def run_attack(
         "perceptibility": pool_perceptibility(percept) if percept else None,
         "per_image": per_image,
         "notes": list(getattr(attack, "testbed_notes", [])),
+        "crafted_on": "federated model" if crafting is None else "surrogate",
+        # white-box ASR on the model the examples were crafted on, when that is a surrogate
+        "asr_crafting": asr_crafting or None,
     }, example
+
+
+@torch.no_grad()
+def _plain_predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predictions of the adversary's private surrogate: no deployment-time defence there."""
+    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
 def target_labels(

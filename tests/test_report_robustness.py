@@ -25,6 +25,8 @@ params = { max_iter = 5, binary_search_steps = 2, targeted = true, target = "les
 name = "fgsm"
 params = { eps = 0.03 }
 sweep = { eps = [0.01, 0.03] }
+[outsider]
+epochs = 1
 """
 )
 
@@ -34,8 +36,11 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
     scenario = tmp / "robust.toml"
     scenario.write_text(RUN)
+    inside = tmp / "inside.toml"  # the same without the outsider
+    inside.write_text(RUN.replace('name = "tiny"', 'name = "inside"').split("[outsider]")[0])
     out = tmp / "cmp"
-    assert main(["compare", str(scenario), "--out", str(out), "--no-progress"]) == 0
+    args = ["compare", str(scenario), str(inside), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
     return out
 
 
@@ -100,3 +105,31 @@ def test_runs_from_before_the_robustness_figures_still_render(run):
     assert "ASR by direction" not in md and "sanity checks" not in md
     _, rows = compare.rows({"old": metrics})
     assert "n/a" in compare.markdown(["PGD-3"], rows)
+
+
+def test_the_outsider_crafts_on_a_surrogate_and_never_retrains_the_federation(run):
+    metrics = json.loads((run / "tiny" / "metrics.json").read_text())
+    rep = metrics["tasks"]["synthetic"]["repeats"][0]
+    inside = json.loads((run / "inside" / "metrics.json").read_text())
+    inside_rep = inside["tasks"]["synthetic"]["repeats"][0]
+    assert "outsider" not in inside_rep
+    # the same federation (one cache entry), so the insider's figures are the same too
+    assert rep["cache"]["key"] == inside_rep["cache"]["key"]
+    assert rep["attacks"]["PGD-3"]["asr"] == inside_rep["attacks"]["PGD-3"]["asr"]
+    out = rep["outsider"]
+    assert list(out) == list(rep["attacks"])
+    for r in out.values():
+        assert r["crafted_on"] == "surrogate" and len(r["asr_crafting"]) == 3
+        assert set(r["surrogate_acc"]) == {"0", "1", "2"}
+    assert (
+        "outsider (surrogate trained on its own data only)"
+        in (run / "tiny" / "report.md").read_text()
+    )
+
+
+@pytest.mark.parametrize("section", ["[outsider]\nepochs = 0\n", "[outsider]\nepoch = 2\n"])
+def test_a_bad_outsider_section_is_one_line_and_exit_2(section, tmp_path, capsys):
+    scenario = tmp_path / "bad.toml"
+    scenario.write_text(TINY + section)
+    assert main(["validate", str(scenario)]) == 2
+    assert "outsider.epoch" in capsys.readouterr().out

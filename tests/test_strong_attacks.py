@@ -211,8 +211,11 @@ def _federation(n: int = 2) -> tuple[list, list[ClientData]]:
     return deploy(models), clients
 
 
-def _run(spec: Attack, registry) -> dict:
+def _run(spec: Attack, registry, swap: bool = False) -> dict:
     deployed, clients = _federation()
+    # swap: each adversary crafts on the other client's model, as the outsider does on its
+    # surrogate
+    crafting = {0: deployed[1].model, 1: deployed[0].model} if swap else None
     result, _ = run_attack(
         spec,
         deployed,
@@ -225,6 +228,7 @@ def _run(spec: Attack, registry) -> dict:
         num_classes=2,
         device=torch.device("cpu"),
         classes=("lesion", "no_lesion"),
+        crafting=crafting,
     )
     return result
 
@@ -257,3 +261,14 @@ def test_engine_records_the_budget_and_access_of_a_black_box_attack(registry):
     assert r["access"] == "black-box" and r["budget"] == {"norm": "inf", "eps": 0.05}
     assert r["perceptibility"]["linf_max"] <= 0.05 + 1e-6
     assert r["tsr"] is None and r["notes"] == []
+
+
+def test_engine_crafts_on_the_given_model_and_scores_it_as_white_box(registry):
+    spec = Attack(name="pgd", params={"eps": 0.1, "eps_step": 0.02, "max_iter": 5})
+    r = _run(spec, registry, swap=True)
+    assert r["crafted_on"] == "surrogate"
+    # crafted on the other client's model: that model's cell of the ASR matrix is the
+    # white-box ASR on the crafting model
+    assert r["asr_crafting"] == [r["asr"][0][1], r["asr"][1][0]]
+    assert max(r["asr_crafting"]) > 0
+    assert _run(spec, registry)["asr_crafting"] is None
