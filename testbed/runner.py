@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -25,43 +24,37 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from testbed import __version__
+from testbed.assemble import (
+    build_model,
+    load_plugin_states,
+    make_clients,
+    per_run_objects,
+    plugin_states,
+)
 from testbed.builtins.datasets import cache_dir
-from testbed.builtins.partitioners import split_train_test
 from testbed.cache import BadEntry, FederationCache, check_entry, training_key
 from testbed.data import ImageDataset
 from testbed.engines import Engine, InProcess, TrainingSetup
 from testbed.federation import (
-    ClientData,
     FederationState,
     LocalConfig,
     UpdatePolicy,
     get_weights,
-    seeded,
     set_weights,
 )
 from testbed.fingerprint import code_fingerprint, data_fingerprint
-from testbed.metrics import mean_std
 from testbed.outsider import run_outsider
 from testbed.pluginmanager import Host
 from testbed.poisoning_run import (
     build_threat,
     poisoning_metrics,
-    summarise_poisoning,
     threat_key,
     threat_warnings,
 )
-from testbed.robust_eval import evaluate_repeat, summarise_repeats
+from testbed.progress import Bars, make_progress
+from testbed.robust_eval import evaluate_repeat
 from testbed.rundir import (
     Checkpoints,
     RunError,
@@ -76,7 +69,8 @@ from testbed.rundir import (
     write_json,
 )
 from testbed.scenario import Scenario, Task, resolved_dict
-from testbed.state import InferenceBatch, derive_seed, generator
+from testbed.state import derive_seed
+from testbed.summary import summarise
 from testbed.threat import malicious_clients
 from testbed.transfer import clean_accuracy, deploy, run_attack
 
@@ -84,7 +78,16 @@ SCHEMA_VERSION = 1
 log = logging.getLogger("testbed")
 log.propagate = False  # ART configures the root logger; our log goes to run.log only
 
-__all__ = ["RunError", "final_dir_of", "partial_dir", "run_scenario", "write_json"]
+__all__ = [
+    "RunError",
+    "build_model",
+    "final_dir_of",
+    "make_clients",
+    "partial_dir",
+    "per_run_objects",
+    "run_scenario",
+    "write_json",
+]
 
 
 def resolve_device(pref: str) -> torch.device:
@@ -98,90 +101,6 @@ def resolve_device(pref: str) -> torch.device:
 # --------------------------------------------------------------------------------------
 # One task and seed
 # --------------------------------------------------------------------------------------
-
-
-def _client_training_inputs(host: Host, cid: int, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """A client's training images through its own input pipeline, if a plugin sets one."""
-    if not host.pm.hook.testbed_training_inputs.get_hookimpls():
-        return x
-    batch = InferenceBatch(cid, x.float().div(255), generator(seed, "training-inputs", cid))
-    host.hook.testbed_training_inputs(batch=batch)
-    return batch.x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def make_clients(
-    ds: ImageDataset, scenario: Scenario, host: Host, seed: int, device: torch.device
-) -> list[ClientData]:
-    n = scenario.federation.clients
-    spec = scenario.partition
-    partition = host.registry.build("partitioners", spec.name, spec.params)
-    try:
-        parts = partition(ds.y, n, generator(seed, "partition"))
-    except ValueError as exc:  # the data cannot be split this way: a scenario mistake
-        raise RunError(f"partitioner {spec.name!r}: {exc}") from None
-    threat = build_threat(scenario, host, seed)  # compromised clients poison their data here
-    clients = []
-    for cid, idx in enumerate(parts):
-        tr, te = split_train_test(idx, ds.y, spec.train_fraction, generator(seed, "split", cid))
-        if len(tr) == 0 or len(te) == 0:
-            raise RunError(
-                f"client {cid} got {len(tr)} training and {len(te)} test images; "
-                "use fewer clients or more data"
-            )
-        x_tr, y_tr = ds.x[tr], ds.y[tr]
-        if threat is not None:
-            x_tr, y_tr = threat.poison_data(cid, x_tr, y_tr, len(ds.classes), seed)
-        x_train = _client_training_inputs(host, cid, x_tr, seed)
-        on = [t.to(device) for t in (x_train, y_tr, ds.x[te], ds.y[te])]
-        clients.append(ClientData(cid, *on))
-    return clients
-
-
-def build_model(scenario: Scenario, host: Host, ds: ImageDataset, seed: int) -> torch.nn.Module:
-    mean, std = ds.channel_stats()
-    spec = scenario.model
-    with seeded(derive_seed(seed, "init"), torch.device("cpu")):
-        try:
-            return host.registry.build(
-                "models",
-                spec.name,
-                spec.params,
-                in_channels=ds.channels,
-                image_size=ds.image_size,
-                num_classes=len(ds.classes),
-                mean=mean,
-                std=std,
-            )
-        except ValueError as exc:  # e.g. images too small for the model's poolings
-            raise RunError(f"model {spec.name!r}: {exc}") from None
-
-
-def _plugin_states(objs: list[object]) -> list[Any]:
-    return [o.state_dict() if hasattr(o, "state_dict") else None for o in objs]
-
-
-def _load_plugin_states(objs: list[object], states: list[Any]) -> None:
-    for o, st in zip(objs, states, strict=True):
-        if st is not None:
-            o.load_state_dict(st)  # type: ignore[attr-defined]
-
-
-@dataclass
-class Bars:
-    """Progress bars with ETA over rounds, clients and attacks."""
-
-    progress: Progress | None
-
-    def add(self, label: str, total: int) -> TaskID | None:
-        return self.progress.add_task(label, total=total) if self.progress else None
-
-    def advance(self, task: TaskID | None) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.advance(task)
-
-    def reset(self, task: TaskID | None, total: int, completed: int = 0) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.reset(task, total=total, completed=completed)
 
 
 @dataclass(frozen=True)
@@ -250,25 +169,6 @@ def _load_checkpoint(job: Repeat, numel: int) -> dict[str, Any] | None:
     return saved
 
 
-def per_run_objects(scenario: Scenario, host: Host) -> list[object]:
-    """A fresh DP mechanism and defence objects for one repeat (they hold its state)."""
-    specs = [
-        (k, spec) for _, k, spec in scenario.components() if k in ("dp_mechanisms", "defences")
-    ]
-    objs = [host.registry.build(kind, spec.name, spec.params) for kind, spec in specs]
-    # testbed_local_training is firstresult: a second trainer would silently never run.
-    trainers = [
-        s.name
-        for (_, s), o in zip(specs, objs, strict=True)
-        if hasattr(o, "testbed_local_training")
-    ]
-    if len(trainers) > 1:
-        raise RunError(
-            f"{' and '.join(trainers)} both replace local training; only one can run per client"
-        )
-    return objs
-
-
 def run_repeat(job: Repeat) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     per_run = per_run_objects(job.scenario, job.host)
     with job.host.active(per_run):
@@ -329,8 +229,8 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
             saved["history"],
         )
         round_times = saved["round_s"]
-        _load_plugin_states(per_run, saved["plugins"])
-        _load_plugin_states([aggregator], [saved.get("aggregator")])
+        load_plugin_states(per_run, saved["plugins"])
+        load_plugin_states([aggregator], [saved.get("aggregator")])
         log.info("%s seed %d: resumed after round %d", task.name, seed, state.round)
 
     rounds_bar = bars.add(f"{label} rounds", fed.rounds)
@@ -367,8 +267,8 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
                 "clients": {c: w.cpu() for c, w in state.client_weights.items()},
                 "history": state.history,
                 "round_s": round_times,
-                "plugins": _plugin_states(per_run),
-                "aggregator": _plugin_states([aggregator])[0],
+                "plugins": plugin_states(per_run),
+                "aggregator": plugin_states([aggregator])[0],
             },
         )
         bars.advance(rounds_bar)
@@ -467,36 +367,6 @@ def _save_round_weights(job: Repeat, state: FederationState) -> None:
     torch_save_atomic(
         state.global_weights.cpu(), wdir / f"seed{job.seed}_round{state.round}_global.pt"
     )
-
-
-def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
-    attacks: dict[str, Any] = {}
-    for label in repeats[0]["attacks"]:
-        rows = [r["attacks"][label] for r in repeats]
-        attacks[label] = {
-            key: mean_std([_num(row[key]) for row in rows])
-            for key in ("aasr", "aasr_own", "aasr_benign", "aetr")
-        }
-        attacks[label]["cost_s"] = mean_std([c for row in rows for c in row["cost_s"]])
-    eps = [_num(p["epsilon"]) for r in repeats for p in r["privacy"]]
-    return {
-        "acc_mean": mean_std([r["acc_mean"] for r in repeats]),
-        "attacks": attacks,
-        "epsilon": mean_std(eps) if eps else None,
-        "events": sum(len(r["events"]) for r in repeats),
-        "round_s": mean_std([t for r in repeats for t in r["timing"]["round_s"]]),
-        **({"poisoning": p} if (p := summarise_poisoning(repeats)) else {}),
-        **summarise_repeats(repeats),
-    }
-
-
-def _num(v: Any) -> float:
-    """Undo _json_safe for values that come back from a checkpoint."""
-    if v is None:
-        return math.nan
-    if v == "inf":
-        return math.inf
-    return float(v)
 
 
 def _check_task_data(ckpt: Checkpoints, task: str, ds: ImageDataset) -> str:
@@ -603,18 +473,6 @@ def hardware(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def make_progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    )
 
 
 def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from testbed.data import DatasetError
     from testbed.pluginmanager import PluginError
-    from testbed.runner import RunError
+    from testbed.rundir import RunError
     from testbed.scenario import ScenarioError
 
     try:

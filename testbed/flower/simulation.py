@@ -43,7 +43,7 @@ def simulate(scenario: Scenario, device: torch.device, body: Callable[[Engine], 
     one SuperNode per client; its result, or its exception, comes back here."""
     from testbed.flower.client_app import app as client_app
     from testbed.flower.strategy import FlowerEngine
-    from testbed.runner import RunError
+    from testbed.rundir import RunError
 
     outcome: dict[str, Any] = {}
     stop = threading.Event()

@@ -25,7 +25,7 @@ from testbed.flower.messages import (
     to_record,
     unpack,
 )
-from testbed.runner import RunError
+from testbed.rundir import RunError
 from testbed.scenario import resolved_dict
 
 log = logging.getLogger("testbed")

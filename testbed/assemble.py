@@ -1,0 +1,102 @@
+"""A repeat's pieces, built the same way by every engine (the Flower ClientApp rebuilds
+its clients with these): the clients' data, the model, the per-run plugin objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from testbed.builtins.partitioners import split_train_test
+from testbed.data import ImageDataset
+from testbed.federation import ClientData, seeded
+from testbed.pluginmanager import Host
+from testbed.poisoning_run import build_threat
+from testbed.rundir import RunError
+from testbed.scenario import Scenario
+from testbed.state import InferenceBatch, derive_seed, generator
+
+
+def _client_training_inputs(host: Host, cid: int, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """A client's training images through its own input pipeline, if a plugin sets one."""
+    if not host.pm.hook.testbed_training_inputs.get_hookimpls():
+        return x
+    batch = InferenceBatch(cid, x.float().div(255), generator(seed, "training-inputs", cid))
+    host.hook.testbed_training_inputs(batch=batch)
+    return batch.x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def make_clients(
+    ds: ImageDataset, scenario: Scenario, host: Host, seed: int, device: torch.device
+) -> list[ClientData]:
+    n = scenario.federation.clients
+    spec = scenario.partition
+    partition = host.registry.build("partitioners", spec.name, spec.params)
+    try:
+        parts = partition(ds.y, n, generator(seed, "partition"))
+    except ValueError as exc:  # the data cannot be split this way: a scenario mistake
+        raise RunError(f"partitioner {spec.name!r}: {exc}") from None
+    threat = build_threat(scenario, host, seed)  # compromised clients poison their data here
+    clients = []
+    for cid, idx in enumerate(parts):
+        tr, te = split_train_test(idx, ds.y, spec.train_fraction, generator(seed, "split", cid))
+        if len(tr) == 0 or len(te) == 0:
+            raise RunError(
+                f"client {cid} got {len(tr)} training and {len(te)} test images; "
+                "use fewer clients or more data"
+            )
+        x_tr, y_tr = ds.x[tr], ds.y[tr]
+        if threat is not None:
+            x_tr, y_tr = threat.poison_data(cid, x_tr, y_tr, len(ds.classes), seed)
+        x_train = _client_training_inputs(host, cid, x_tr, seed)
+        on = [t.to(device) for t in (x_train, y_tr, ds.x[te], ds.y[te])]
+        clients.append(ClientData(cid, *on))
+    return clients
+
+
+def build_model(scenario: Scenario, host: Host, ds: ImageDataset, seed: int) -> torch.nn.Module:
+    mean, std = ds.channel_stats()
+    spec = scenario.model
+    with seeded(derive_seed(seed, "init"), torch.device("cpu")):
+        try:
+            return host.registry.build(
+                "models",
+                spec.name,
+                spec.params,
+                in_channels=ds.channels,
+                image_size=ds.image_size,
+                num_classes=len(ds.classes),
+                mean=mean,
+                std=std,
+            )
+        except ValueError as exc:  # e.g. images too small for the model's poolings
+            raise RunError(f"model {spec.name!r}: {exc}") from None
+
+
+def plugin_states(objs: list[object]) -> list[Any]:
+    return [o.state_dict() if hasattr(o, "state_dict") else None for o in objs]
+
+
+def load_plugin_states(objs: list[object], states: list[Any]) -> None:
+    for o, st in zip(objs, states, strict=True):
+        if st is not None:
+            o.load_state_dict(st)  # type: ignore[attr-defined]
+
+
+def per_run_objects(scenario: Scenario, host: Host) -> list[object]:
+    """A fresh DP mechanism and defence objects for one repeat (they hold its state)."""
+    specs = [
+        (k, spec) for _, k, spec in scenario.components() if k in ("dp_mechanisms", "defences")
+    ]
+    objs = [host.registry.build(kind, spec.name, spec.params) for kind, spec in specs]
+    # testbed_local_training is firstresult: a second trainer would silently never run.
+    trainers = [
+        s.name
+        for (_, s), o in zip(specs, objs, strict=True)
+        if hasattr(o, "testbed_local_training")
+    ]
+    if len(trainers) > 1:
+        raise RunError(
+            f"{' and '.join(trainers)} both replace local training; only one can run per client"
+        )
+    return objs

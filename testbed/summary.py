@@ -1,0 +1,40 @@
+"""Mean and spread over a task's seeds, from the per-seed metrics (as stored in JSON)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from testbed.metrics import mean_std
+from testbed.poisoning_run import summarise_poisoning
+from testbed.robust_eval import summarise_repeats
+
+
+def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    attacks: dict[str, Any] = {}
+    for label in repeats[0]["attacks"]:
+        rows = [r["attacks"][label] for r in repeats]
+        attacks[label] = {
+            key: mean_std([_num(row[key]) for row in rows])
+            for key in ("aasr", "aasr_own", "aasr_benign", "aetr")
+        }
+        attacks[label]["cost_s"] = mean_std([c for row in rows for c in row["cost_s"]])
+    eps = [_num(p["epsilon"]) for r in repeats for p in r["privacy"]]
+    return {
+        "acc_mean": mean_std([r["acc_mean"] for r in repeats]),
+        "attacks": attacks,
+        "epsilon": mean_std(eps) if eps else None,
+        "events": sum(len(r["events"]) for r in repeats),
+        "round_s": mean_std([t for r in repeats for t in r["timing"]["round_s"]]),
+        **({"poisoning": p} if (p := summarise_poisoning(repeats)) else {}),
+        **summarise_repeats(repeats),
+    }
+
+
+def _num(v: Any) -> float:
+    """Undo _json_safe for values that come back from a checkpoint."""
+    if v is None:
+        return math.nan
+    if v == "inf":
+        return math.inf
+    return float(v)
