@@ -103,6 +103,17 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render a finished run's report (no recomputing)")
     rep.add_argument("run_dir", type=Path)
 
+    srch = sub.add_parser(
+        "search", help="worst-case attack search: tune the [search] attack under its bound"
+    )
+    srch.add_argument("scenario", type=Path)
+    srch.add_argument("--out", type=Path, help="output folder (default reports/search-<name>/)")
+    srch.add_argument("--trials", type=int, help="override search.n_trials (trials in all)")
+    srch.add_argument("--data-root", type=Path, help=f"datasets folder (or ${DATA_ROOT_ENV})")
+    srch.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override the device")
+    srch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    srch.add_argument("--no-progress", action="store_true")
+
     aud = sub.add_parser(
         "audit",
         help="empirical lower bound on the scenario's DP epsilon (canary audit); "
@@ -369,6 +380,37 @@ def cmd_report(run_dir: Path, console: Console) -> int:
     return 0
 
 
+def cmd_search(host: Host, args: argparse.Namespace, console: Console) -> int:
+    from testbed.runner import RunError
+    from testbed.scenario import load_scenario
+    from testbed.search import run_search
+
+    if args.trials is not None and not 1 <= args.trials <= 100_000:
+        return _fail(console, "--trials must be between 1 and 100,000")
+    scenario = load_scenario(args.scenario, host.registry, args.overrides)
+    if args.device is not None:
+        fed = scenario.federation.model_copy(update={"device": args.device})
+        scenario = scenario.model_copy(update={"federation": fed})
+    out = args.out or Path(scenario.report.out_dir) / f"search-{scenario.scenario.name}"
+    try:
+        result = run_search(
+            scenario, host, data_root=_data_root(args), out=out, n_trials=args.trials,
+            console=console, show_progress=not args.no_progress,
+        )  # fmt: skip
+    except RunError as exc:
+        return _fail(console, f"{args.scenario}: {exc}")
+    p = result.best_perceptibility
+    print(result.toml, end="")
+    console.print(
+        f"{result.trials} trials; best objective {result.best_value:.4f} at mean SSIM "
+        f"{p['ssim_mean']:.4f}, Linf {p['linf_max']:.4f}; figure {result.figure}, "
+        f"entry {result.best_toml}",
+        markup=False,
+        highlight=False,
+    )
+    return 0
+
+
 def cmd_audit(host: Host, args: argparse.Namespace, console: Console) -> int:
     """Claimed epsilon beside an audited lower bound (testbed/audit.py); a bound above the
     claim means the mechanism or its accountant is broken: exit 1, as a failed check."""
@@ -428,6 +470,8 @@ def _main(argv: list[str] | None) -> int:
             return cmd_compare(host, args, console)
         if args.command == "report":
             return cmd_report(args.run_dir, console)
+        if args.command == "search":
+            return cmd_search(host, args, console)
         if args.command == "audit":
             return cmd_audit(host, args, console)
         return cmd_run(host, args, console)

@@ -169,6 +169,16 @@ def _load_checkpoint(job: Repeat, numel: int) -> dict[str, Any] | None:
     return saved
 
 
+def adversaries_of(scenario: Scenario, seed: int) -> list[int]:
+    """The clients that craft attacks in the repeat of ``seed`` (the threat model's)."""
+    n, adv = scenario.federation.clients, scenario.threat_model.adversaries
+    if adv == "rotate":
+        return list(range(n))
+    if adv == "malicious":
+        return list(malicious_clients(scenario.threat_model, n, seed))
+    return list(adv)
+
+
 def run_repeat(job: Repeat) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     per_run = per_run_objects(job.scenario, job.host)
     with job.host.active(per_run):
@@ -189,13 +199,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     policy = UpdatePolicy(fed.max_update_norm, fed.on_excess_norm)
     agg = scenario.aggregator
     aggregator = host.registry.build("aggregators", agg.name, agg.params)
-    adversaries = (
-        list(range(fed.clients))
-        if scenario.threat_model.adversaries == "rotate"
-        else list(malicious_clients(scenario.threat_model, fed.clients, seed))
-        if scenario.threat_model.adversaries == "malicious"
-        else list(scenario.threat_model.adversaries)
-    )
+    adversaries = adversaries_of(scenario, seed)
     threat = build_threat(scenario, host, seed)
     warnings = threat_warnings(scenario, threat) if threat is not None else []
     for w in warnings:

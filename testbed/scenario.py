@@ -32,6 +32,7 @@ from testbed.problems import (
     too_deep,
 )
 from testbed.registry import Registry, singular
+from testbed.search_config import Search
 from testbed.sweep import expand_attack_sweeps
 from testbed.threat import threat_problems
 
@@ -282,6 +283,9 @@ class Scenario(Strict):
     engine: Engine = Field(
         default_factory=Engine, description='"inprocess" (default) or "flower", or a table.'
     )
+    search: Search | None = Field(
+        None, description="`testbed search`: the attack to tune and how (`run` ignores it)."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
@@ -309,6 +313,12 @@ class Scenario(Strict):
                 "attacks: attack labels must be unique (set `label`); repeated: "
                 f"{', '.join(dupes[:5])}{more}"
             )
+        if self.search is not None:
+            problem = self.search.problem(
+                [a.label for a in self.attacks], [t.name for t in self.task_list()]
+            )
+            if problem:
+                raise ValueError(problem)
         last = self.scenario.seed + self.evaluation.repeats - 1
         if self.evaluation.seeds is None and last > MAX_SEED:
             raise ValueError(

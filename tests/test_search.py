@@ -1,0 +1,113 @@
+"""`testbed search`: a constrained Optuna study over one attack's params, on the cached
+federation (never retrained), resumable from its sqlite study, bad input one line."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from test_cli import TINY
+
+import testbed.search
+from testbed.cli import main
+from testbed.engines import InProcess
+from testbed.perceptibility import perceptibility
+
+SEARCH = """
+[search]
+attack = "PGD-3"
+n_trials = {n}
+space = {{ eps = {eps}, eps_step = {eps_step} }}
+constraints = {{ linf_max = 0.03, ssim_min = 0.0 }}
+"""
+
+
+EPS = "{ low = 0.001, high = 0.1, step = 0.001 }"
+EPS_STEP = '{ low = 0.1, high = 0.5, relative_to = "eps" }'  # a fraction of eps
+
+
+def write(tmp_path: Path, extra: str, n: int = 6) -> Path:
+    p = tmp_path / "s.toml"
+    text = TINY.replace("plots = false", f'plots = false\nout_dir = "{tmp_path / "reports"}"')
+    p.write_text(text + SEARCH.format(n=n, eps=EPS, eps_step=EPS_STEP) + extra)
+    return p
+
+
+def search(tmp_path: Path, scenario: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / "out"
+    assert main(["search", str(scenario), "--out", str(out), "--no-progress", *extra]) == 0
+    return json.loads((out / "search.json").read_text())
+
+
+def test_toy_problem_finds_the_bound(tmp_path, monkeypatch):
+    """ASR rising with eps, Linf capped at 0.03: the best feasible eps is the bound. The
+    attack is a toy (x + eps, success eps/0.1); the study, constraints and pruning are real."""
+
+    def toy_attack(spec, deployed, clients, adversaries, *a: Any, **k: Any):
+        eps = spec.params["eps"]
+        x = torch.full((4, 1, 16, 16), 0.5)
+        success = eps / 0.1 * (0.9 + 0.1 * adversaries[0] / 3)  # adversaries differ a little
+        return {
+            "aasr_benign": success,
+            "aasr_own": 1.0,
+            "perceptibility": perceptibility(x, x + eps),
+        }, {}
+
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(testbed.search, "run_attack", toy_attack)
+    result = search(tmp_path, write(tmp_path, "", n=40))
+    assert result["trials"] == 40
+    assert 0.029 <= result["best"]["params"]["eps"] <= 0.03 + 1e-9  # within a step
+    assert result["best"]["perceptibility"]["linf_max"] <= 0.03 + 1e-6
+    entry = tomllib.loads((tmp_path / "out" / "best_attack.toml").read_text())["attacks"][0]
+    assert entry["name"] == "pgd" and entry["params"]["eps"] == result["best"]["params"]["eps"]
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 1000
+    study = optuna.load_study(study_name=result["study"], storage=result["storage"])
+    # constrained, not penalised: infeasible trials exist and carry their violation
+    assert any(t.constraints.get("linf", 0) > 0 for t in study.trials)
+
+
+def test_reuses_the_cached_federation_and_resumes_the_study(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    scenario = write(tmp_path, "", n=3)
+    feasible = ("--set", "search.space.eps.high=0.03")  # every trial within the bound
+    first = search(tmp_path, scenario, *feasible)
+    assert first["cache_hit"] is False and first["trials"] == 3
+
+    def no_training(self, setup):
+        raise AssertionError("the search retrained a cached federation")
+
+    monkeypatch.setattr(InProcess, "round_step", no_training)
+    second = search(tmp_path, scenario, *feasible, "--trials", "5")
+    assert second["cache_hit"] is True
+    assert second["trials"] == 5  # the stored study's 3 trials, then 2 more
+    assert second["storage"].endswith("search-tiny.db")
+    study = optuna.load_study(study_name=second["study"], storage=second["storage"])
+    assert len(study.trials) == 5
+    best = second["best"]
+    assert best["perceptibility"]["linf_max"] <= 0.03 + 1e-6
+    assert best["params"]["eps_step"] <= best["params"]["eps"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('attack = "PGD-3"', 'attack = "CW"'), "search.attack 'CW' is not an [[attacks]] label"),
+        (("space = {", "space = {} #"), "space"),
+        (("low = 0.001, high = 0.1", "low = 0.1, high = 0.001"), "must be below high"),
+        (("eps = {", "confidence = {"), "relative_to = 'eps' is not a searched param"),
+        (("eps_step = {", "confidence = {"), "pgd has no param confidence"),
+        (("high = 0.1,", "high = 2.0,"), "search.space.eps = 2.0"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, edit, message):
+    scenario = write(tmp_path, "")
+    scenario.write_text(scenario.read_text().replace(*edit))
+    assert main(["search", str(scenario), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
