@@ -22,7 +22,6 @@ import json
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from testbed.rundir import RunError, safe_name
 from testbed.runner import adversaries_of, resolve_device, run_scenario
 from testbed.scenario import Attack, Evaluation, Scenario
 from testbed.search_config import ParamRange, Search
+from testbed.search_output import attack_toml, pareto_figure
 from testbed.transfer import deploy, run_attack
 
 # float32 pixels: PGD's perturbation at exactly eps reads back a few ulps above it
@@ -117,6 +117,8 @@ class Federation:
     seed: int
     device: torch.device
     cache_hit: bool
+    key: str
+    """The federation cache key: which trained federation the study's trials scored."""
 
 
 def load_federation(
@@ -155,7 +157,8 @@ def load_federation(
         set_weights(m, entry["clients"][cid].to(device))
         finals.append(m)
     clients = make_clients(ds, scenario, host, seed, device)
-    return Federation(deploy(finals), clients, tuple(ds.classes), seed, device, cache["hit"])
+    classes = tuple(ds.classes)
+    return Federation(deploy(finals), clients, classes, seed, device, cache["hit"], cache["key"])
 
 
 def default_storage(scenario: Scenario) -> str:
@@ -233,8 +236,11 @@ def run_search(
         if search.pruning
         else optuna.pruners.NopPruner(),
     )
+    _check_or_start(study, spec, search, fed.key)
     total = n_trials or search.n_trials
-    remaining = total - len(study.trials)
+    # a queued (not yet run) trial, such as the configured attack, is still to come
+    waiting = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    remaining = total - len([t for t in study.trials if t.state not in waiting])
     t0 = time.perf_counter()
     if remaining > 0:
         # inference-time defences (input transformations) act through the per-run objects
@@ -254,7 +260,7 @@ def run_search(
     best_toml = out / "best_attack.toml"
     best_toml.write_text(toml)
     figure = out / "pareto.png"
-    pareto_figure(study, figure, search.objective)
+    pareto_figure(study, figure, search.objective, best, ssim_min)
     (out / "search.json").write_text(
         json.dumps(
             {
@@ -296,6 +302,43 @@ def _constrain(
     trial.set_constraint("linf", linf)
 
 
+def _check_or_start(study: optuna.Study, spec: Attack, search: Search, key: str) -> None:
+    """A new study records what it searches, and tries the configured attack first (so the
+    result is at least as strong as it, when it is feasible); a resumed one must search
+    the same thing on the same federation, or its trials would mix two problems."""
+    what = {
+        "federation": key,
+        "attack": spec.model_dump(mode="json"),
+        "search": search.model_dump(mode="json", exclude={"n_trials", "storage"}),
+    }
+    if "searches" not in study.user_attrs:
+        study.set_user_attr("searches", what)
+        start = {}
+        for name, r in search.space.items():
+            v = spec.params.get(name)
+            if v is not None and r.relative_to is not None:
+                base = spec.params.get(r.relative_to)
+                v = v / base if base else None
+            if _in_space(v, r):
+                start[name] = v
+        if len(start) == len(search.space):
+            study.enqueue_trial(start)
+    elif study.user_attrs["searches"] != what:
+        raise RunError(
+            f"study {study.study_name!r} in {search.storage or 'the default storage'} searched "
+            "another attack, space or federation; set search.study_name for a new study"
+        )
+
+
+def _in_space(v: Any, r: ParamRange) -> bool:
+    """Whether Optuna could propose ``v`` from the range ``r`` (on its step grid)."""
+    if r.choices is not None:
+        return v in r.choices
+    if not isinstance(v, int | float) or not r.low <= v <= r.high:
+        return False
+    return r.step is None or abs((v - r.low) / r.step - round((v - r.low) / r.step)) < 1e-6
+
+
 def _trials_done(storage: str, name: str) -> int:
     """Trials the stored study already holds: a resumed search seeds its sampler anew,
     or it would propose the first trials' points again."""
@@ -324,53 +367,3 @@ def _optimize(
             progress.advance(bar)
 
         study.optimize(objective, n_trials=remaining, callbacks=[advance])
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a TOML basic string
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise RunError(f"cannot write {type(v).__name__} param {v!r} as TOML")
-
-
-def attack_toml(spec: Attack, params: dict[str, Any], value: float) -> str:
-    """The best configuration as a ready `[[attacks]]` entry."""
-    inline = ", ".join(f"{k} = {_toml_value(v)}" for k, v in params.items())
-    return (
-        f"# testbed search: objective {value:.4f} under the [search] bound\n"
-        f"[[attacks]]\nname = {json.dumps(spec.name)}\n"
-        f"label = {json.dumps(spec.label + ' (searched)')}\nparams = {{ {inline} }}\n"
-    )
-
-
-def pareto_figure(study: optuna.Study, path: Path, objective: str) -> None:
-    """Perceptibility (1 - mean SSIM) against success over the finished trials, the
-    non-dominated ones marked: a throwaway two-objective study lets Optuna find them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization.matplotlib import plot_pareto_front
-
-    front = optuna.create_study(directions=["minimize", "maximize"])
-    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-        p = t.user_attrs["perceptibility"]
-        front.add_trial(
-            optuna.trial.create_trial(
-                values=[1.0 - float(p["ssim_mean"]), float(t.value)],
-                params=t.params,
-                distributions=t.distributions,
-            )
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = plot_pareto_front(front, target_names=["1 - mean SSIM", f"ASR ({objective} models)"])
-    ax.set_title(f"{study.study_name}: success against perceptibility")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ax.figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(ax.figure)

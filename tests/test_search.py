@@ -68,6 +68,8 @@ def test_toy_problem_finds_the_bound(tmp_path, monkeypatch):
     assert entry["name"] == "pgd" and entry["params"]["eps"] == result["best"]["params"]["eps"]
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 1000
     study = optuna.load_study(study_name=result["study"], storage=result["storage"])
+    # the configured attack (eps 0.05, eps_step 0.01 = 0.2 eps) is the first trial
+    assert study.trials[0].params == pytest.approx({"eps": 0.05, "eps_step": 0.2})
     # constrained, not penalised: infeasible trials exist and carry their violation
     assert any(t.constraints.get("linf", 0) > 0 for t in study.trials)
 
@@ -92,6 +94,9 @@ def test_reuses_the_cached_federation_and_resumes_the_study(tmp_path, monkeypatc
     best = second["best"]
     assert best["perceptibility"]["linf_max"] <= 0.03 + 1e-6
     assert best["params"]["eps_step"] <= best["params"]["eps"]
+    # the same study name on another space would mix two problems: refused
+    other = ("--set", "search.space.eps.high=0.02")
+    assert main(["search", str(scenario), "--out", str(tmp_path / "o2"), *other]) == 2
 
 
 @pytest.mark.parametrize(
