@@ -58,7 +58,6 @@ def test_toy_problem_finds_the_bound(tmp_path, monkeypatch):
             "perceptibility": perceptibility(x, x + eps),
         }, {}
 
-    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(testbed.search, "run_attack", toy_attack)
     result = search(tmp_path, write(tmp_path, "", n=40))
     assert result["trials"] == 40
@@ -72,6 +71,14 @@ def test_toy_problem_finds_the_bound(tmp_path, monkeypatch):
     assert study.trials[0].params == pytest.approx({"eps": 0.05, "eps_step": 0.2})
     # constrained, not penalised: infeasible trials exist and carry their violation
     assert any(t.constraints.get("linf", 0) > 0 for t in study.trials)
+
+
+def test_a_bound_no_configuration_meets_is_one_line_exit_2(tmp_path, capsys):
+    scenario = write(tmp_path, "", n=2)
+    tight = ["--set", "search.constraints.linf_max=0.0005"]  # below the smallest eps, 0.001
+    assert main(["search", str(scenario), "--no-progress", *tight]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "no feasible trial in 2" in err[-1], err
 
 
 def test_reuses_the_cached_federation_and_resumes_the_study(tmp_path, monkeypatch):
