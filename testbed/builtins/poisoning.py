@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
+from torch import Generator, Tensor
 
 from testbed import hookimpl
 from testbed.data_poisoning import (
@@ -114,38 +115,6 @@ class Backdoor:
 # -- model poisoning -------------------------------------------------------------------
 
 
-class SignFlip:
-    """Sign flip (Li et al. 2019, RSA); ``testbed.poisoning.sign_flip``."""
-
-    def __init__(self, p: SignFlipParams) -> None:
-        self.p = p
-
-    def poison_update(
-        self,
-        update: torch.Tensor,
-        benign: torch.Tensor | None,
-        ctx: RoundContext,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        return sign_flip(update, self.p.scale)
-
-
-class Gaussian:
-    """Random Gaussian update (Blanchard et al. 2017); ``testbed.poisoning.gaussian_update``."""
-
-    def __init__(self, p: GaussianParams) -> None:
-        self.p = p
-
-    def poison_update(
-        self,
-        update: torch.Tensor,
-        benign: torch.Tensor | None,
-        ctx: RoundContext,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        return gaussian_update(update, self.p.sigma, generator)
-
-
 class ScaledReplacementRunParams(ScaledReplacementParams):
     start_round: int = Field(
         1,
@@ -164,69 +133,14 @@ def check_start_round(params: ScaledReplacementRunParams, scenario: Scenario) ->
     return []
 
 
-class ScaledReplacement:
-    """Scaled model replacement (Bagdasaryan et al. 2020); boost default n / eta with n the
-    clients sampled this round and eta = 1 (the server adds the aggregate as is). Exact
-    replacement under FedAvg when the sampled clients hold equal shares of data. From
-    ``start_round`` on; before it the client uploads its honest update."""
-
-    def __init__(self, p: ScaledReplacementRunParams) -> None:
-        self.p = p
-
-    def poison_update(
-        self,
-        update: torch.Tensor,
-        benign: torch.Tensor | None,
-        ctx: RoundContext,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        if ctx.round < self.p.start_round:
-            return update
-        boost = self.p.boost if self.p.boost is not None else replacement_boost(len(ctx.sampled))
-        return scaled_replacement(update, boost, self.p.norm_bound)
+UpdateRule = Callable[[Any, Tensor, Tensor | None, RoundContext, Generator], Tensor]
+"""(params, honest update, benign updates or None, ctx, generator) -> the upload."""
 
 
-class ALIE:
-    """A little is enough (Baruch et al. 2019); z from n (sampled) and m (compromised among
-    them) by the paper's formula unless given."""
+class UpdatePoisoning:
+    """A model-poisoning plugin: a compromised client's upload is ``rule(params, ...)``."""
 
-    def __init__(self, p: ALIEParams) -> None:
-        self.p = p
-
-    def poison_update(
-        self,
-        update: torch.Tensor,
-        benign: torch.Tensor | None,
-        ctx: RoundContext,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        assert benign is not None  # validation requires collude
-        n = len(ctx.sampled)
-        z = self.p.z if self.p.z is not None else alie_z(n, n - int(benign.shape[0]))
-        return alie(benign, z)
-
-
-class IPM:
-    """Inner-product manipulation (Xie et al. 2020)."""
-
-    def __init__(self, p: IPMParams) -> None:
-        self.p = p
-
-    def poison_update(
-        self,
-        update: torch.Tensor,
-        benign: torch.Tensor | None,
-        ctx: RoundContext,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        assert benign is not None
-        return inner_product_manipulation(benign, self.p.epsilon)
-
-
-class MinMax:
-    """Min-max or min-sum (Shejwalkar & Houmansadr 2021, NDSS)."""
-
-    def __init__(self, p: MinMaxParams, rule: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, p: Any, rule: UpdateRule) -> None:
         self.p = p
         self.rule = rule
 
@@ -237,8 +151,76 @@ class MinMax:
         ctx: RoundContext,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        assert benign is not None
-        return self.rule(benign, self.p.direction, self.p.gamma_init, self.p.tolerance)
+        return self.rule(self.p, update, benign, ctx, generator)
+
+
+def _colluders(benign: torch.Tensor | None) -> torch.Tensor:
+    if benign is None:  # validation refuses these attacks without threat_model.collude
+        raise ValueError("this attack needs the round's benign updates (collude = true)")
+    return benign
+
+
+def _sign_flip(
+    p: SignFlipParams, update: Tensor, benign: Tensor | None, ctx: RoundContext, g: Generator
+) -> Tensor:
+    """Sign flip (Li et al. 2019, RSA)."""
+    return sign_flip(update, p.scale)
+
+
+def _gaussian(
+    p: GaussianParams, update: Tensor, benign: Tensor | None, ctx: RoundContext, g: Generator
+) -> Tensor:
+    """Random Gaussian update (Blanchard et al. 2017)."""
+    return gaussian_update(update, p.sigma, g)
+
+
+def _scaled_replacement(
+    p: ScaledReplacementRunParams,
+    update: Tensor,
+    benign: Tensor | None,
+    ctx: RoundContext,
+    g: Generator,
+) -> Tensor:
+    """Scaled model replacement (Bagdasaryan et al. 2020); boost default n / eta with n the
+    clients sampled this round and eta = 1 (the server adds the aggregate as is). Exact
+    replacement under FedAvg when the sampled clients hold equal shares of data. From
+    ``start_round`` on; before it the client uploads its honest update."""
+    if ctx.round < p.start_round:
+        return update
+    boost = p.boost if p.boost is not None else replacement_boost(len(ctx.sampled))
+    return scaled_replacement(update, boost, p.norm_bound)
+
+
+def _alie(
+    p: ALIEParams, update: Tensor, benign: Tensor | None, ctx: RoundContext, g: Generator
+) -> Tensor:
+    """A little is enough (Baruch et al. 2019); z from n (sampled) and m (compromised among
+    them) by the paper's formula unless given."""
+    benign = _colluders(benign)
+    n = len(ctx.sampled)
+    z = p.z if p.z is not None else alie_z(n, n - int(benign.shape[0]))
+    return alie(benign, z)
+
+
+def _ipm(
+    p: IPMParams, update: Tensor, benign: Tensor | None, ctx: RoundContext, g: Generator
+) -> Tensor:
+    """Inner-product manipulation (Xie et al. 2020)."""
+    return inner_product_manipulation(_colluders(benign), p.epsilon)
+
+
+def _min_max(
+    p: MinMaxParams, update: Tensor, benign: Tensor | None, ctx: RoundContext, g: Generator
+) -> Tensor:
+    """Min-max (Shejwalkar & Houmansadr 2021, NDSS)."""
+    return min_max(_colluders(benign), p.direction, p.gamma_init, p.tolerance)
+
+
+def _min_sum(
+    p: MinMaxParams, update: Tensor, benign: Tensor | None, ctx: RoundContext, g: Generator
+) -> Tensor:
+    """Min-sum (Shejwalkar & Houmansadr 2021, NDSS)."""
+    return min_sum(_colluders(benign), p.direction, p.gamma_init, p.tolerance)
 
 
 def needs_collusion(name: str) -> Callable[[Any, Scenario], list[str]]:
@@ -268,47 +250,47 @@ def testbed_register_poisoning(registry: KindRegistry) -> None:
     )
     registry.add(
         "sign_flip",
-        SignFlip,
+        lambda p: UpdatePoisoning(p, _sign_flip),
         params=SignFlipParams,
         description="Upload -scale x the honest update (Li et al. 2019)",
     )
     registry.add(
         "gaussian",
-        Gaussian,
+        lambda p: UpdatePoisoning(p, _gaussian),
         params=GaussianParams,
         description="Upload N(0, sigma^2) noise (Blanchard et al. 2017)",
     )
     registry.add(
         "scaled_replacement",
-        ScaledReplacement,
+        lambda p: UpdatePoisoning(p, _scaled_replacement),
         params=ScaledReplacementRunParams,
         description="Boost the update by n/eta, optional norm bound (Bagdasaryan et al. 2020)",
         check=check_start_round,
     )
     registry.add(
         "alie",
-        ALIE,
+        lambda p: UpdatePoisoning(p, _alie),
         params=ALIEParams,
         description="Benign mean - z x std (Baruch et al. 2019); needs collude",
         check=needs_collusion("alie"),
     )
     registry.add(
         "ipm",
-        IPM,
+        lambda p: UpdatePoisoning(p, _ipm),
         params=IPMParams,
         description="-epsilon x benign mean (Xie et al. 2020); needs collude",
         check=needs_collusion("ipm"),
     )
     registry.add(
         "min_max",
-        lambda p: MinMax(p, min_max),
+        lambda p: UpdatePoisoning(p, _min_max),
         params=MinMaxParams,
         description="Largest step inside the benign spread (Shejwalkar & Houmansadr 2021)",
         check=needs_collusion("min_max"),
     )
     registry.add(
         "min_sum",
-        lambda p: MinMax(p, min_sum),
+        lambda p: UpdatePoisoning(p, _min_sum),
         params=MinMaxParams,
         description="Largest step within the benign sum of distances (Shejwalkar 2021)",
         check=needs_collusion("min_sum"),
