@@ -64,13 +64,20 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 HEALTHY_MARKERS = ("no_", "normal", "healthy", "negative")
 
 
-def healthy_class(classes: Sequence[str]) -> int:
+def named_healthy_class(classes: Sequence[str]) -> int | None:
     """The class that means "no lesion": the first whose name contains no_, normal, healthy
-    or negative (no_tumor, no_lesion, normal); class 0 when none does."""
+    or negative (no_tumor, no_lesion, normal); None when no name does."""
     for i, name in enumerate(classes):
         if any(m in name.lower() for m in HEALTHY_MARKERS):
             return i
-    return 0
+    return None
+
+
+def healthy_class(classes: Sequence[str]) -> int:
+    """`named_healthy_class`, class 0 when no name says which: the direction split of the
+    report then reads class 0 as healthy (metrics.json names the class it used)."""
+    named = named_healthy_class(classes)
+    return 0 if named is None else named
 
 
 def direction_asr(

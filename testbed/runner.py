@@ -72,7 +72,7 @@ from testbed.scenario import Scenario, Task, resolved_dict
 from testbed.state import derive_seed
 from testbed.summary import summarise
 from testbed.threat import malicious_clients
-from testbed.transfer import clean_accuracy, deploy, run_attack
+from testbed.transfer import clean_accuracy, deploy, run_attack, target_problem
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("testbed")
@@ -410,6 +410,9 @@ def run_task(
     log.info(
         "task %s: %d images %s, loaded in %.1f s", task.name, len(ds), tuple(ds.x.shape[1:]), load_s
     )
+    for spec_ in scenario.attacks:  # before any training: it may take hours
+        if problem := target_problem(spec_, ds.classes):
+            raise RunError(f"task {task.name}: {problem}")
     ckpt = Checkpoints(run_dir / "checkpoint")
     data_fp = _check_task_data(ckpt, task.name, ds)
     cache = FederationCache(cache_dir() / "federations")

@@ -19,12 +19,14 @@ from torch import nn
 
 from testbed.federation import ClientData, seeded
 from testbed.metrics import (
+    HEALTHY_MARKERS,
     accuracy,
     attack_success_rate,
     direction_asr,
     error_transfer_rate,
     healthy_class,
     mean,
+    named_healthy_class,
     targeted_success_rate,
     transfer_summary,
 )
@@ -231,6 +233,28 @@ def run_attack(
 def _plain_predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Predictions of the adversary's private surrogate: no deployment-time defence there."""
     return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def target_problem(spec: Attack, classes: Sequence[str]) -> str | None:
+    """Why a targeted attack cannot aim at its target on a task with these class names
+    (None: it can). Checked when the data is loaded, before any training: a named
+    direction needs a class named healthy, else "missed diagnosis" would silently mean
+    class 0; an index needs the class to exist."""
+    if not spec.params.get("targeted"):
+        return None
+    target = spec.params.get("target")
+    where = f"attacks {spec.label!r}: target {target!r}"
+    if isinstance(target, int) and target >= len(classes):
+        return f"{where} is not a class of this task (0..{len(classes) - 1}: {', '.join(classes)})"
+    if isinstance(target, str) and named_healthy_class(classes) is None:
+        return (
+            f"{where} needs a class named healthy (a name containing "
+            f"{', '.join(HEALTHY_MARKERS)}); this task's classes are {', '.join(classes)}: "
+            "give the target class index instead"
+        )
+    if isinstance(target, str) and len(classes) < 2:
+        return f"{where} needs two classes"
+    return None
 
 
 def target_labels(

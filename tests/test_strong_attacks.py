@@ -14,7 +14,7 @@ from testbed.builtins.models import PaperCNNParams, build_paper_cnn
 from testbed.federation import ClientData
 from testbed.pluginmanager import build_host
 from testbed.scenario import Attack
-from testbed.transfer import deploy, numpy_seeded, run_attack
+from testbed.transfer import deploy, numpy_seeded, run_attack, target_problem
 
 SIDE = 16
 TINY = PaperCNNParams(conv_channels=(4, 4, 8, 8, 8, 8), fc_units=(16, 16, 16, 8))
@@ -185,6 +185,10 @@ def test_autoattack_drops_dlr_on_binary_tasks_and_keeps_it_otherwise(binary, thr
         ("hopskipjump", {"init_eval": 200, "max_eval": 100}, "init_eval"),
         ("autoattack", {"eps": 0.1, "eps_step": 0.1, "members": ["square", "square"]}, "repeat"),
         ("deepfool", {"eps": 0.1}, "Extra inputs"),
+        # an L2 attack given an L-inf-only param, and the reverse: the attack that takes it
+        ("cw_l2", {"largest_const": 5.0}, "a parameter of cw_linf"),
+        ("cw_linf", {"binary_search_steps": 3}, "a parameter of cw_l2"),
+        ("pgd", {"eps": 0.1, "eps_step": 0.01, "max_iter": 3, "norm": "2"}, "L-inf attacks"),
     ],
 )
 def test_bad_params_are_rejected(name, params, fragment, registry):
@@ -272,3 +276,43 @@ def test_engine_crafts_on_the_given_model_and_scores_it_as_white_box(registry):
     assert r["asr_crafting"] == [r["asr"][0][1], r["asr"][1][0]]
     assert max(r["asr_crafting"]) > 0
     assert _run(spec, registry)["asr_crafting"] is None
+
+
+@pytest.mark.parametrize(
+    ("target", "classes", "fragment"),
+    [
+        (5, ("no_lesion", "lesion"), "target 5 is not a class of this task (0..1"),
+        ("lesion_to_healthy", ("cat", "dog"), "needs a class named healthy"),
+        ("healthy_to_lesion", ("tumour", "glioma"), "give the target class index instead"),
+    ],
+)
+def test_a_target_the_task_cannot_have_is_named(target, classes, fragment):
+    spec = Attack(name="cw_l2", label="CW", params={"targeted": True, "target": target})
+    assert fragment in (target_problem(spec, classes) or "")
+
+
+def test_targets_the_task_has_pass():
+    for target in (1, "lesion_to_healthy", "healthy_to_lesion"):
+        spec = Attack(name="cw_l2", label="CW", params={"targeted": True, "target": target})
+        assert target_problem(spec, ("no_lesion", "lesion")) is None
+    assert target_problem(Attack(name="cw_l2", label="CW", params={}), ("a", "b")) is None
+
+
+def test_a_target_class_beyond_the_task_stops_the_run_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    from test_cli import TINY
+
+    from testbed.cli import main
+    from testbed.engines import InProcess
+
+    def no_training(self, setup):
+        raise AssertionError("trained before checking the attack's target")
+
+    monkeypatch.setattr(InProcess, "round_step", no_training)
+    p = tmp_path / "s.toml"
+    p.write_text(TINY + '[[attacks]]\nname = "cw_l2"\nparams = { targeted = true, target = 4 }\n')
+    assert main(["run", str(p), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "target 4 is not a class of this task" in last, last
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -11,6 +11,7 @@ the benchmarks (docs/BENCHMARKS.md) and tests measure these against.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,17 @@ _art_pgd_logger = logging.getLogger(projected_gradient_descent_pytorch.__name__)
 class FGSMParams(Params):
     eps: float = Field(gt=0, le=1, description="L-inf budget in [0, 1] pixel units.")
     batch_size: int = Field(100, ge=1, description="Images crafted per ART batch.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _linf_only(cls, data: Any) -> Any:
+        # the lean path projects onto the L-inf ball: an L2 request must not run as L-inf
+        if isinstance(data, dict) and "norm" in data:
+            raise ValueError(
+                "fgsm, bim and pgd are L-inf attacks here (no norm param); for an L2 budget "
+                'use square or autoattack with norm = "2", or cw_l2'
+            )
+        return data
 
 
 class BIMParams(FGSMParams):

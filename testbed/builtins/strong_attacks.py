@@ -19,7 +19,7 @@ both from the params and hands ART one-hot targets instead of the adversary's pr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from art.attacks.evasion import (
@@ -105,6 +105,21 @@ class AutoAttackParams(_BudgetParams):
         return self
 
 
+def _refuse_other_norm(data: Any, own: type[Params], sibling: str) -> Any:
+    """A param that only the Carlini-Wagner attack of the other norm has is a mix-up of the
+    two: say which attack takes it, not just "unknown key"."""
+    other = CarliniLInfParams if sibling == "cw_linf" else CarliniL2Params
+    norm = "L-inf" if sibling == "cw_linf" else "L2"
+    if isinstance(data, dict):
+        theirs = sorted(set(data) & (set(other.model_fields) - set(own.model_fields)))
+        if theirs:
+            raise ValueError(
+                f"{', '.join(theirs)}: a parameter of {sibling} ({norm}) only; this attack "
+                "minimises the other norm"
+            )
+    return data
+
+
 class CarliniL2Params(_TargetParams):
     confidence: float = Field(0.0, ge=0, description="Margin kappa of the logits.")
     learning_rate: float = Field(0.01, gt=0)
@@ -112,6 +127,11 @@ class CarliniL2Params(_TargetParams):
     max_iter: int = Field(10, ge=1, description="Optimiser steps per search step.")
     initial_const: float = Field(0.01, gt=0)
     batch_size: int = Field(100, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_linf(cls, data: Any) -> Any:
+        return _refuse_other_norm(data, cls, "cw_linf")
 
 
 class CarliniLInfParams(_TargetParams):
@@ -121,6 +141,12 @@ class CarliniLInfParams(_TargetParams):
     initial_const: float = Field(1e-5, gt=0)
     largest_const: float = Field(20.0, gt=0)
     batch_size: int = Field(100, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_l2(cls, data: Any) -> Any:
+        return _refuse_other_norm(data, cls, "cw_l2")
+
 
 
 class DeepFoolParams(Params):
