@@ -9,11 +9,12 @@ import torch
 
 from testbed.builtins.partitioners import split_train_test
 from testbed.data import ImageDataset
-from testbed.federation import ClientData, seeded
+from testbed.federation import ClientData, LocalConfig, seeded
 from testbed.pluginmanager import Host
 from testbed.poisoning_run import build_threat
 from testbed.rundir import RunError
 from testbed.scenario import Scenario
+from testbed.server_data import RootSet, ServerData, carve_root_set, make_server_data, root_set_of
 from testbed.state import InferenceBatch, derive_seed, generator
 
 
@@ -32,10 +33,18 @@ def make_clients(
     n = scenario.federation.clients
     spec = scenario.partition
     partition = host.registry.build("partitioners", spec.name, spec.params)
+    root = root_set_request(scenario, host)
+    pool = None  # all of the dataset, unless the server holds a root set
+    if root is not None:  # carved first, so that no client holds any of it
+        keep = torch.ones(len(ds.y), dtype=torch.bool)
+        keep[_carve(ds, scenario, root, seed)] = False
+        pool = torch.nonzero(keep).flatten()
     try:
-        parts = partition(ds.y, n, generator(seed, "partition"))
+        parts = partition(ds.y if pool is None else ds.y[pool], n, generator(seed, "partition"))
     except ValueError as exc:  # the data cannot be split this way: a scenario mistake
         raise RunError(f"partitioner {spec.name!r}: {exc}") from None
+    if pool is not None:
+        parts = [pool[p] for p in parts]
     threat = build_threat(scenario, host, seed)  # compromised clients poison their data here
     clients = []
     for cid, idx in enumerate(parts):
@@ -52,6 +61,37 @@ def make_clients(
         on = [t.to(device) for t in (x_train, y_tr, ds.x[te], ds.y[te])]
         clients.append(ClientData(cid, *on))
     return clients
+
+
+def root_set_request(scenario: Scenario, host: Host) -> RootSet | None:
+    """The root set the scenario's aggregator asks the server to hold, if any."""
+    agg = scenario.aggregator
+    return root_set_of(host.registry.build("aggregators", agg.name, agg.params))
+
+
+def _carve(ds: ImageDataset, scenario: Scenario, spec: RootSet, seed: int) -> torch.Tensor:
+    try:
+        return carve_root_set(ds.y, spec, seed)
+    except ValueError as exc:  # e.g. a root set as large as the dataset
+        raise RunError(f"aggregator {scenario.aggregator.name!r}: {exc}") from None
+
+
+def make_server(
+    ds: ImageDataset,
+    scenario: Scenario,
+    aggregator: object,
+    seed: int,
+    device: torch.device,
+    model: torch.nn.Module,
+    cfg: LocalConfig,
+) -> ServerData | None:
+    """The server's root set and its training, for an aggregator that declares
+    ``root_set`` (the same examples ``make_clients`` kept from every client); else None."""
+    spec = root_set_of(aggregator)
+    if spec is None:
+        return None
+    _carve(ds, scenario, spec, seed)  # one-line errors, as in make_clients
+    return make_server_data(spec, ds.x, ds.y, len(ds.classes), seed, model, cfg, device)
 
 
 def build_model(scenario: Scenario, host: Host, ds: ImageDataset, seed: int) -> torch.nn.Module:

@@ -2,8 +2,9 @@
 
 An attack sweep, a changed threat model, an inference-only defence or a new report never
 retrains. The key covers everything training reads: the decoded data's content (not its
-path), the partition, model, federation, aggregator, DP, the defences that act during
-training, the seed, and the content of testbed's code and of every loaded plugin module.
+path), the partition (and the server's root set carved before it), model, federation,
+aggregator, DP, the defences that act during training, the seed, and the content of
+testbed's code and of every loaded plugin module.
 
 An entry is a checksum line followed by a ``torch.save`` blob (plain tensors and lists,
 loaded with weights_only=True). A damaged, foreign or implausible entry (bad checksum,
@@ -38,11 +39,14 @@ def training_key(
     code: dict[str, str],
     training_defences: list[dict[str, Any]],
     threat: dict[str, Any] | None = None,
+    root_set: dict[str, Any] | None = None,
 ) -> str:
     """``data``: the dataset's content fingerprint; ``code``: module -> source digest;
     ``training_defences``: the defences that act during training (the others only change
     inference, which is recomputed from the cached weights); ``threat``: the poisoning
-    attacks and compromised clients, None without poisoning (the key is then unchanged)."""
+    attacks and compromised clients, None without poisoning (the key is then unchanged);
+    ``root_set``: the server's root set (``RootSet.key()``), which the clients' data is
+    carved around, None without one (the key is then unchanged)."""
     fed = scenario.federation.model_dump(mode="json", exclude={"device"})
     inputs = {
         "data": {"spec": task.data.model_dump(mode="json"), "content": data},
@@ -61,6 +65,8 @@ def training_key(
     }
     if threat is not None:
         inputs["threat"] = threat
+    if root_set is not None:
+        inputs["root_set"] = root_set
     blob = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 

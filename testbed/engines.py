@@ -50,6 +50,9 @@ class TrainingSetup:
     """The run's DP mechanism and defence objects, registered with the host."""
     threat: Any = None
     """The compromised clients and their attacks (``testbed.poisoning_run.Threat``), if any."""
+    server: Any = None
+    """The server's root set (``testbed.server_data.ServerData``), if the aggregator
+    declares one; both engines use it in the server's process."""
 
 
 class Engine(Protocol):
@@ -69,7 +72,7 @@ class InProcess:
                 state, setup.model, setup.clients, setup.cfg, setup.aggregator, setup.host.hook,
                 seed=setup.seed, rounds=fed.rounds, m=fed.m, policy=setup.policy,
                 on_client_done=on_client_done, threat=setup.threat,
-                sampling=fed.client_sampling,
+                sampling=fed.client_sampling, server=setup.server,
             )  # fmt: skip
 
         return step

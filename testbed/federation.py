@@ -229,13 +229,28 @@ def screen_updates(
 
 
 def _aggregate(
-    aggregator: Any, stacked: torch.Tensor, sizes: torch.Tensor, ctx: RoundContext, ids: list[int]
+    aggregator: Any,
+    stacked: torch.Tensor,
+    sizes: torch.Tensor,
+    ctx: RoundContext,
+    ids: list[int],
+    server: Any = None,
 ) -> tuple[torch.Tensor, dict[int, float], list[int]]:
-    """(delta, weight per client, clients the rule rejected) from either kind of aggregator."""
+    """(delta, weight per client, clients the rule rejected) from either kind of aggregator.
+    ``server``: the round's ``testbed.server_data.ServerRound``, passed to an aggregator
+    that declares a ``root_set``."""
     screen = getattr(aggregator, "aggregate", None)
     if screen is None:
         return aggregator(stacked, sizes), {}, []
-    result = screen(stacked, sizes, ctx, ids)
+    if getattr(aggregator, "root_set", None) is None:
+        result = screen(stacked, sizes, ctx, ids)
+    elif server is None:
+        raise RuntimeError(
+            f"{type(aggregator).__qualname__} declares a root_set, but the engine passed no "
+            "server data (build it with testbed.assemble.make_server)"
+        )
+    else:
+        result = screen(stacked, sizes, ctx, ids, server=server)
     weights = dict(zip(ids, (float(w) for w in result.weights), strict=True))
     kept = [bool(k) for k in result.kept]
     return result.delta, weights, [c for c, k in zip(ids, kept, strict=True) if not k]
@@ -252,9 +267,11 @@ def server_step(
     ctx: RoundContext,
     hooks: Any,
     policy: UpdatePolicy = UpdatePolicy(),
+    server: Any = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], Aggregate]:
     """Screen and aggregate the uploads, update the global model and build every client's
-    download."""
+    download. ``server`` (``testbed.server_data.ServerData``): the server's root set, for
+    an aggregator that declares ``root_set``."""
     updates = list(updates)
     events = screen_updates(updates, global_weights, policy)
     weights: dict[int, float] = {}
@@ -269,7 +286,8 @@ def server_step(
         sizes = torch.tensor([float(u.n_train) for u in kept], device=stacked.device)
         ids = [u.client_id for u in kept]
         try:
-            delta, weights, rejected = _aggregate(aggregator, stacked, sizes, ctx, ids)
+            at = server.at(global_weights, ctx) if server is not None else None
+            delta, weights, rejected = _aggregate(aggregator, stacked, sizes, ctx, ids, at)
         except ValueError as exc:  # e.g. Krum after drops left too few updates
             events.append(_server_event("aggregator", str(exc)))
     aggregate = Aggregate(delta, [u.client_id for u in kept], events, weights, rejected)
@@ -339,16 +357,19 @@ def finish_round(
     policy: UpdatePolicy,
     events: Sequence[dict[str, Any]] = (),
     threat: Any = None,
+    server: Any = None,
 ) -> FederationState:
     """The server's half of a round, whichever engine ran the clients: aggregate, build the
     downloads and the round's record. ``events`` are the engine's own (e.g. a lost reply).
     ``threat`` (``testbed.poisoning_run.Threat``) replaces the compromised clients' uploads
-    by their poisoned ones before anything screens them, and records what was caught."""
+    by their poisoned ones before anything screens them, and records what was caught.
+    ``server`` (``testbed.server_data.ServerData``) holds the server's root set, for an
+    aggregator that declares ``root_set``."""
     updates = list(updates)
     if threat is not None:
         events = [*events, *threat.poison_round(ctx, updates, state.global_weights)]
     new_global, downloads, aggregate = server_step(
-        state.global_weights, updates, aggregator, ctx, hooks, policy
+        state.global_weights, updates, aggregator, ctx, hooks, policy, server
     )
     record: dict[str, Any] = {
         "round": ctx.round,
@@ -406,6 +427,7 @@ def run_round(
     on_client_done: Callable[[int], None] | None = None,
     threat: Any = None,
     sampling: str = "fixed",
+    server: Any = None,
 ) -> FederationState:
     """One round with every sampled client trained in this process, one after another."""
     ctx = round_context(state, clients, seed=seed, rounds=rounds, m=m, sampling=sampling)
@@ -414,4 +436,6 @@ def run_round(
         updates.append(client_step(model, state.client_weights[cid], clients[cid], cfg, ctx, hooks))
         if on_client_done:
             on_client_done(cid)
-    return finish_round(state, ctx, updates, aggregator, hooks, policy, threat=threat)
+    return finish_round(
+        state, ctx, updates, aggregator, hooks, policy, threat=threat, server=server
+    )

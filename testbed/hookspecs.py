@@ -62,7 +62,11 @@ def testbed_register_aggregators(registry: KindRegistry) -> None:
     global model and records a server event. Or an object with ``aggregate(updates,
     sizes, ctx, clients) -> Screening`` (delta, per-row weights, kept mask; ``clients``
     the rows' client ids), and optionally ``state_dict``/``load_state_dict`` for state
-    kept across rounds: the engine records whom it dropped and checkpoints its state."""
+    kept across rounds: the engine records whom it dropped and checkpoints its state.
+    Such an object may declare ``root_set = testbed.server_data.RootSet(...)``: the engine
+    then carves that many examples from the dataset before partitioning (no client holds
+    them) and passes ``server=`` (a ``ServerRound``: the root set, the round's global
+    model, ``update()`` trained on the root set) to ``aggregate``."""
 
 
 @hookspec

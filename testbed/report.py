@@ -194,7 +194,26 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
         out += paper_tables(title, name, task)
     rs = summ["round_s"]
     out[0].notes.append(f"time per round {_num(rs['mean']):.2f} s")
+    out[0].notes += root_set_notes(repeats)
     return out
+
+
+def root_set_notes(repeats: list[dict[str, Any]]) -> list[str]:
+    """What the server held of the data (FLTrust's root set), from each seed's record."""
+    roots = [(r["seed"], r["server"]["root_set"]) for r in repeats if r.get("server")]
+    if not roots:
+        return []
+    first = roots[0][1]
+    counts = "; ".join(
+        f"seed {seed}: " + ", ".join(map(str, root["label_counts"])) for seed, root in roots
+    )
+    t = first["training"]
+    return [
+        f"server root set: {first['size']} of the {first['pool']} images ({first['sampling']}), "
+        f"{first['source']}; the clients share the other {first['pool'] - first['size']}. "
+        f"Images per class, {counts}. The server trains on it {t['epochs']} epoch(s), "
+        f"batch {t['batch_size']}, lr {t['lr']:g}"
+    ]
 
 
 def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:

@@ -30,6 +30,7 @@ from testbed.assemble import (
     build_model,
     load_plugin_states,
     make_clients,
+    make_server,
     per_run_objects,
     plugin_states,
 )
@@ -199,6 +200,8 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     policy = UpdatePolicy(fed.max_update_norm, fed.on_excess_norm)
     agg = scenario.aggregator
     aggregator = host.registry.build("aggregators", agg.name, agg.params)
+    # the server's root set (FLTrust): the examples make_clients kept from every client
+    server = make_server(ds, scenario, aggregator, seed, device, model, cfg)
     adversaries = adversaries_of(scenario, seed)
     threat = build_threat(scenario, host, seed)
     warnings = threat_warnings(scenario, threat) if threat is not None else []
@@ -208,6 +211,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     key = training_key(
         scenario, task, seed, device, data=job.data_fp, code=job.code_fp,
         training_defences=training_defences(scenario, host), threat=threat_key(scenario),
+        root_set=server.spec.key() if server is not None else None,
     )  # fmt: skip
     numel = sum(p.numel() for p in model.parameters())
     saved = _load_checkpoint(job, numel)
@@ -245,7 +249,7 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     if state.round < fed.rounds:
         setup = TrainingSetup(
             scenario, task, seed, device, job.data_root, host, model, clients, cfg,
-            aggregator, policy, per_run, threat,
+            aggregator, policy, per_run, threat, server,
         )  # fmt: skip
         step = job.engine.round_step(setup)
     while state.round < fed.rounds:
@@ -358,6 +362,8 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
     }
     if threat is not None:
         metrics["poisoning"] = poisoning
+    if server is not None:
+        metrics["server"] = {"root_set": server.info()}
     if outsider is not None:
         metrics["outsider"] = outsider
     return metrics, finals

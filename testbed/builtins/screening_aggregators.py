@@ -7,19 +7,22 @@ record which uploads the rule dropped or down-weighted; ``clients`` are the clie
 the rows. State kept between rounds (centred clipping's last aggregate, FoolsGold's
 per-client histories) lives on the object, which the runner builds fresh per repeat and
 checkpoints through ``state_dict`` / ``load_state_dict``, so ``--resume`` continues it
-exactly. Randomness (FLAME's noise) comes from ``ctx.generator``.
+exactly. Randomness (FLAME's noise) comes from ``ctx.generator``. FLTrust declares a
+``root_set`` (``testbed.server_data``): the engine carves it from the dataset before
+partitioning and passes the round's ``server`` to ``aggregate``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from testbed import hookimpl
 from testbed.registry import KindRegistry, Params
-from testbed.robust_extra import Screening, centred_clipping, flame, foolsgold
+from testbed.robust_extra import Screening, centred_clipping, flame, fltrust, foolsgold
+from testbed.server_data import RootSet, ServerRound
 from testbed.state import RoundContext
 
 
@@ -49,6 +52,47 @@ class CentredClipping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.previous = state["previous"]
+
+
+class FLTrustParams(Params):
+    root_size: int = Field(
+        100, ge=1, description="Root set: images the server keeps from every client (paper: 100)."
+    )
+    root_sampling: Literal["stratified", "random"] = Field(
+        "stratified",
+        description="stratified: each class in its share of the dataset; random: uniform.",
+    )
+    epochs: int | None = Field(
+        None, ge=1, description="Server's local epochs on the root set; default the clients'."
+    )
+    lr: float | None = Field(
+        None, gt=0, description="Server's learning rate; default the clients'."
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="Server's batch size; default the clients'."
+    )
+
+
+class FLTrust:
+    """FLTrust (Cao, Fang, Liu & Gong 2021, NDSS): each round the server trains the global
+    model on its own clean root set, carved from the dataset before partitioning so that
+    no client holds it, and weights every upload by ReLU(cos) with that update g_0, each
+    rescaled to ||g_0|| (``testbed.robust_extra.fltrust``). No state between rounds."""
+
+    def __init__(self, p: FLTrustParams) -> None:
+        self.p = p
+        self.root_set = RootSet(p.root_size, p.root_sampling, p.epochs, p.lr, p.batch_size)
+
+    def aggregate(
+        self,
+        updates: torch.Tensor,
+        sizes: torch.Tensor,
+        ctx: RoundContext,
+        clients: list[int],
+        server: ServerRound,
+    ) -> Screening:
+        g0 = server.update().to(device=updates.device, dtype=updates.dtype)
+        return fltrust(updates, g0)
 
 
 class FlameParams(Params):
@@ -109,6 +153,12 @@ def testbed_register_aggregators(registry: KindRegistry) -> None:
         CentredClipping,
         params=CentredClippingParams,
         description="Clip around the last aggregate (Karimireddy et al. 2021)",
+    )
+    registry.add(
+        "fltrust",
+        FLTrust,
+        params=FLTrustParams,
+        description="Trust by cosine with the server's root-set update (Cao et al. 2021)",
     )
     registry.add(
         "flame",

@@ -192,10 +192,12 @@ class TestbedStrategy(Strategy):
         ]  # fmt: skip
         ordered = [updates[c] for c in ctx.sampled if c in updates]
         # Model poisoning runs here, on the server side, where the benign uploads that
-        # colluding attackers read are (docs/flower.md).
+        # colluding attackers read are (docs/flower.md); so does the server's own update
+        # on its root set (FLTrust), in this process, which holds the dataset.
         self.state = finish_round(
-            state, ctx, ordered, s.aggregator, s.host.hook, s.policy, events, threat=s.threat
-        )
+            state, ctx, ordered, s.aggregator, s.host.hook, s.policy, events,
+            threat=s.threat, server=s.server,
+        )  # fmt: skip
         losses = [u.loss for u in ordered]
         loss = sum(losses) / len(losses) if losses else float("nan")
         return to_record(self.state.global_weights), MetricRecord({"train_loss": loss})
