@@ -381,6 +381,8 @@ def cmd_report(run_dir: Path, console: Console) -> int:
 
 
 def cmd_search(host: Host, args: argparse.Namespace, console: Console) -> int:
+    from rich.markup import escape
+
     from testbed.runner import RunError
     from testbed.scenario import load_scenario
     from testbed.search import run_search
@@ -408,6 +410,21 @@ def cmd_search(host: Host, args: argparse.Namespace, console: Console) -> int:
         markup=False,
         highlight=False,
     )
+    within = [r for r in result.configured if r["feasible"]]
+    if within:
+        top = max(within, key=lambda r: r["value"])
+        line = f"strongest configured attack within the bound: {top['label']} ({top['value']:.4f})"
+        if result.at_least_as_strong:
+            console.print(line + ": the search is at least as strong", markup=False)
+        else:  # a search weaker than what the scenario already runs must not look like a win
+            console.print(
+                f"[yellow]warning:[/] {escape(line)} is stronger than the search's best; "
+                "raise n_trials or widen search.space",
+                highlight=False,
+                soft_wrap=True,
+            )
+    else:
+        console.print("no configured attack lies within the bound", markup=False)
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from conftest import REPO
 from test_cli import TINY
 
 import testbed.search
@@ -123,3 +124,44 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, edit, message):
     assert main(["search", str(scenario), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_search_weaker_than_a_configured_attack_says_so(tmp_path, monkeypatch, capsys):
+    """The bar is every configured attack within the bound: here an FGSM entry that the
+    toy makes stronger (0.9) than any PGD point of the space (at most 0.3) is."""
+
+    def toy_attack(spec, deployed, clients, adversaries, *a: Any, **k: Any):
+        eps = spec.params["eps"]
+        x = torch.full((4, 1, 16, 16), 0.5)
+        success = 0.9 if spec.name == "fgsm" else eps / 0.1
+        p = perceptibility(x, x + eps)
+        return {"aasr_benign": success, "aasr_own": 1.0, "perceptibility": p}, {}
+
+    monkeypatch.setattr(testbed.search, "run_attack", toy_attack)
+    fgsm = '[[attacks]]\nname = "fgsm"\nparams = { eps = 0.02 }\n'
+    scenario = write(tmp_path, "", n=3)
+    scenario.write_text(scenario.read_text().replace("[report]", fgsm + "[report]"))
+    result = search(tmp_path, scenario, "--set", "search.space.eps.high=0.03")
+    configured = {r["label"]: r for r in result["configured"]}
+    assert configured["FGSM"]["value"] == 0.9 and configured["FGSM"]["feasible"]
+    assert configured["PGD-3"]["feasible"] is False  # eps 0.05 breaks the bound 0.03
+    assert result["at_least_as_strong"] is False
+    assert "FGSM (0.9000) is stronger than the search's best" in capsys.readouterr().err
+
+
+def test_search_on_the_quickstart_is_at_least_as_strong_as_its_configured_attacks(tmp_path):
+    """Issue 13's criterion on the shipped scenario, with a short study (the shipped one
+    runs 30 trials): the configured PGD-10 is trial 0 and FGSM is scored on the same
+    objective and bound, so the best can only be weaker if the bookkeeping is wrong."""
+    out = tmp_path / "out"
+    args = ["search", str(REPO / "scenarios" / "quickstart.toml"), "--out", str(out)]
+    storage = f'search.storage="sqlite:///{tmp_path / "s.db"}"'
+    assert main([*args, "--trials", "3", "--no-progress", "--set", storage]) == 0
+    result = json.loads((out / "search.json").read_text())
+    configured = {r["label"]: r for r in result["configured"]}
+    assert set(configured) == {"FGSM", "PGD-10"}
+    assert configured["PGD-10"]["feasible"]  # the bound was set so that it is
+    assert result["at_least_as_strong"] is True
+    assert result["best"]["value"] >= configured["PGD-10"]["value"]
+    p = result["best"]["perceptibility"]
+    assert p["ssim_mean"] >= 0.93 and p["linf_max"] <= 0.05 + 1e-6
