@@ -9,7 +9,7 @@ per run (or per round) from a generator derived from the seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import torch
@@ -171,3 +171,86 @@ def backdoor(
     x_out[idx.to(x.device)] = _from_nhwc(x_bd, x)
     y_out[idx.to(y.device)] = torch.as_tensor(y_bd, dtype=y.dtype, device=y.device)
     return x_out, y_out, idx
+
+
+# -- clean-label backdoor through ART --------------------------------------------------
+
+
+class CleanLabelBackdoorParams(Params):
+    trigger: Trigger = Field("pattern", description="ART's checkerboard pattern or one pixel.")
+    target: int = Field(0, ge=0, description="The class whose images carry the trigger.")
+    rate: float = Field(
+        0.33, gt=0, lt=1, description="Share of the target class's images poisoned (pp_poison)."
+    )
+    distance: int = Field(2, ge=1, description="Trigger distance from the bottom-right corner.")
+    eps: float = Field(
+        16 / 255, gt=0, le=1, description="L-inf budget of the PGD step that hides the content."
+    )
+    eps_step: float = Field(2 / 255, gt=0, le=1, description="PGD step size.")
+    max_iter: int = Field(20, ge=1, description="PGD iterations on the proxy model.")
+    proxy_epochs: int = Field(5, ge=1, description="Epochs the attacker trains its proxy for.")
+
+    @model_validator(mode="after")
+    def _step_within_eps(self) -> Self:
+        if self.eps_step > self.eps:
+            raise ValueError(f"eps_step ({self.eps_step}) larger than eps ({self.eps})")
+        return self
+
+
+def _nchw_trigger(trigger: Trigger, distance: int) -> Any:
+    """ART's backdoor for NCHW float images in [0, 1], which is what its clean-label attack
+    hands it (the proxy's own layout); ART's perturbations index N, H, W, C."""
+    from art.attacks.poisoning import PoisoningAttackBackdoor
+
+    stamp = _art_perturbation(trigger, distance, 1.0)
+    return PoisoningAttackBackdoor(
+        lambda a: np.ascontiguousarray(stamp(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    )
+
+
+def clean_label_backdoor(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    proxy: torch.nn.Module,
+    p: CleanLabelBackdoorParams,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean-label backdoor through ART's ``PoisoningAttackCleanLabelBackdoor`` (Turner,
+    Tsipras & Madry 2019, "Label-consistent backdoor attacks"): a share ``rate`` of the
+    images of the target class are first pushed by untargeted PGD on the attacker's
+    ``proxy`` model (so their content no longer explains their label), then stamped with
+    the trigger; every label stays true, so the poison survives a label audit and the
+    model learns "trigger -> target". ART draws the images with numpy's global generator
+    (the caller seeds it) and with replacement, so a few may be drawn twice.
+    Returns the poisoned images (same dtype as ``x``) and the unchanged labels."""
+    from art.attacks.poisoning import PoisoningAttackCleanLabelBackdoor
+    from art.estimators.classification import PyTorchClassifier
+
+    _check_fits(x, p.trigger, p.distance)
+    if not (y == p.target).any():
+        return x.clone(), y.clone()  # the attacker holds no image of the target class
+    proxy = proxy.eval()
+    estimator = PyTorchClassifier(
+        proxy,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=num_classes,
+        clip_values=(0.0, 1.0),
+        preprocessing=None,
+    )
+    attack = PoisoningAttackCleanLabelBackdoor(
+        _nchw_trigger(p.trigger, p.distance),
+        estimator,
+        target=np.eye(num_classes, dtype=np.float32)[p.target],
+        pp_poison=p.rate,
+        eps=p.eps,
+        eps_step=p.eps_step,
+        max_iter=p.max_iter,
+    )
+    floats = x.detach().cpu().float().numpy() / (255.0 if x.dtype == torch.uint8 else 1.0)
+    onehot = np.eye(num_classes, dtype=np.float32)[y.cpu().numpy()]
+    poisoned, _ = attack.poison(floats.astype(np.float32), onehot, broadcast=True)
+    out = torch.from_numpy(poisoned).to(x.device)
+    if x.dtype == torch.uint8:
+        out = out.mul(255).round().clamp(0, 255).to(torch.uint8)
+    return out.to(x.dtype), y.clone()

@@ -1,14 +1,17 @@
 """Data poisoning: label flips by hand, and ART's trigger landing where expected."""
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
 from testbed.data_poisoning import (
     BackdoorParams,
+    CleanLabelBackdoorParams,
     LabelFlipParams,
     apply_trigger,
     backdoor,
+    clean_label_backdoor,
     flip_all_labels,
     flip_source_to_target,
     poison_indices,
@@ -99,3 +102,54 @@ def test_backdoor_params():
     assert BackdoorParams().trigger == "pattern"
     with pytest.raises(ValidationError):
         BackdoorParams(rate=0)
+
+
+def _linear_proxy(side: int) -> torch.nn.Module:
+    """logits = (sum x, -sum x): an image of mean > 0 is class 0, and the cross-entropy
+    gradient of class 0 is negative on every pixel, so untargeted PGD lowers each pixel
+    by exactly eps_step per step (sign of the gradient) until eps."""
+    lin = torch.nn.Linear(side * side, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([torch.ones(side * side), -torch.ones(side * side)]))
+    return torch.nn.Sequential(torch.nn.Flatten(), lin)
+
+
+def test_clean_label_backdoor_hides_target_images_then_stamps_them_labels_kept():
+    side = 8
+    x = torch.full((20, 1, side, side), 0.5)
+    y = torch.tensor([0, 1] * 10)  # ten of the target class 0
+    p = CleanLabelBackdoorParams(target=0, rate=0.5, eps=0.1, eps_step=0.05, max_iter=2)
+    np.random.seed(0)
+    x_out, y_out = clean_label_backdoor(x, y, _linear_proxy(side), p, num_classes=2)
+    assert torch.equal(y_out, y)  # clean label: no label changes
+    changed = (x_out != x).flatten(1).any(1)
+    assert not changed[y == 1].any()  # only the target class is touched
+    # ART draws int(0.5 * 10) = 5 of them with replacement: 1 to 5 distinct images
+    assert 1 <= int(changed.sum()) <= 5
+    # each: 0.5 - 2 x 0.05 = 0.4 everywhere, then the trigger at full brightness
+    expected = apply_trigger(torch.full((1, 1, side, side), 0.4), "pattern", 2)[0]
+    for img in x_out[changed]:
+        assert torch.allclose(img, expected, atol=1e-6)
+
+
+def test_clean_label_backdoor_on_uint8_keeps_the_dtype_and_is_seeded():
+    side = 8
+    x = torch.full((10, 1, side, side), 128, dtype=torch.uint8)
+    y = torch.zeros(10, dtype=torch.long)
+    p = CleanLabelBackdoorParams(target=0, rate=0.5, eps=0.1, eps_step=0.05, max_iter=2)
+    runs = []
+    for _ in range(2):
+        np.random.seed(3)
+        runs.append(clean_label_backdoor(x, y, _linear_proxy(side), p, 2)[0])
+    assert runs[0].dtype == torch.uint8 and torch.equal(runs[0], runs[1])
+    changed = runs[0][(runs[0] != x).flatten(1).any(1)]
+    # 128/255 - 0.1 = 0.402 -> 102.5: 102 or 103 off the trigger
+    off = changed[apply_trigger(changed, "pattern", 2) == changed]
+    assert set(off.unique().tolist()) <= {102, 103, 255}
+
+
+def test_clean_label_backdoor_params():
+    with pytest.raises(ValidationError, match="eps_step"):
+        CleanLabelBackdoorParams(eps=0.01, eps_step=0.02)
+    with pytest.raises(ValidationError):
+        CleanLabelBackdoorParams(rate=1.0)  # ART needs 0 < pp_poison < 1

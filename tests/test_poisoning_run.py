@@ -296,6 +296,21 @@ def test_backdoor_triggers_a_share_of_the_compromised_clients_images(tmp_path, h
         assert torch.equal(poisoned[c].x_train, honest[c].x_train)
 
 
+def test_clean_label_backdoor_keeps_every_label_and_touches_only_the_target_class(tmp_path, host):
+    text = (
+        '[threat_model]\nmalicious = [2]\n[[poisoning]]\nname = "clean_label_backdoor"\n'
+        "params = { rate = 0.5, target = 1, proxy_epochs = 1, max_iter = 3 }\n"
+    )
+    poisoned, honest = clients_of(tmp_path, host, text)
+    again, _ = clients_of(tmp_path, host, text)
+    assert torch.equal(poisoned[2].y_train, honest[2].y_train)
+    changed = (poisoned[2].x_train != honest[2].x_train).flatten(1).any(1)
+    assert changed.any() and bool((honest[2].y_train[changed] == 1).all())
+    assert torch.equal(poisoned[2].x_train, again[2].x_train)  # seeded: proxy and draw
+    for c in (0, 1, 3, 4):
+        assert torch.equal(poisoned[c].x_train, honest[c].x_train)
+
+
 def test_target_class_the_task_lacks_is_a_run_error(tmp_path, host):
     with pytest.raises(RunError, match=r"poisoning\[0\] 'backdoor': target class 7 does not"):
         clients_of(

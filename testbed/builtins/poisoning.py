@@ -16,14 +16,18 @@ from pydantic import Field
 from torch import Generator, Tensor
 
 from testbed import hookimpl
+from testbed.builtins.models import PaperCNNParams, build_paper_cnn
 from testbed.data_poisoning import (
     BackdoorParams,
+    CleanLabelBackdoorParams,
     LabelFlipParams,
     apply_trigger,
     backdoor,
+    clean_label_backdoor,
     flip_all_labels,
     flip_source_to_target,
 )
+from testbed.federation import ClientData, LocalConfig, local_sgd, seeded
 from testbed.poisoning import (
     ALIEParams,
     GaussianParams,
@@ -42,7 +46,9 @@ from testbed.poisoning import (
     sign_flip,
 )
 from testbed.registry import KindRegistry
+from testbed.scenario import Augment
 from testbed.state import RoundContext
+from testbed.transfer import numpy_seeded
 
 if TYPE_CHECKING:
     from testbed.scenario import Scenario
@@ -109,6 +115,44 @@ class Backdoor:
 
     def backdoor_test(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Test images with the trigger, and the class the backdoor should make of them."""
+        return apply_trigger(x, self.p.trigger, self.p.distance), self.p.target
+
+
+class CleanLabelBackdoor:
+    """Clean-label backdoor (Turner et al. 2019) through ART; see
+    ``testbed.data_poisoning.clean_label_backdoor``. The attacker has no federated model
+    before training, so it first trains a proxy of its own on its own data: a small paper
+    CNN, plain SGD (the engine's ``local_sgd``), seeded from the run."""
+
+    PROXY = PaperCNNParams(
+        conv_channels=(8, 8, 16, 16, 32, 32), fc_units=(64, 32, 32, 16), dropout=0.0
+    )
+
+    def __init__(self, p: CleanLabelBackdoorParams) -> None:
+        self.p = p
+
+    def proxy(self, x: Tensor, y: Tensor, num_classes: int, seed: int) -> torch.nn.Module:
+        floats = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        mean = floats.mean(dim=(0, 2, 3)).tolist()
+        std = floats.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
+        with seeded(seed, x.device):
+            model = build_paper_cnn(self.PROXY, x.shape[1], x.shape[-1], num_classes, mean, std)
+        cfg = LocalConfig(self.p.proxy_epochs, 32, 0.01, 0.9, 0.0, Augment(hflip=False))
+        data = ClientData(-1, x, y, x[:0], y[:0])
+        with seeded(seed, x.device):
+            local_sgd(model.to(x.device).train(), data, cfg, torch.Generator().manual_seed(seed))
+        return model.requires_grad_(False)
+
+    def poison_data(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_class("target", self.p.target, num_classes)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        proxy = self.proxy(x, y, num_classes, seed)
+        with numpy_seeded(seed):  # ART draws the poisoned images from numpy's generator
+            return clean_label_backdoor(x, y, proxy, self.p, num_classes)
+
+    def backdoor_test(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         return apply_trigger(x, self.p.trigger, self.p.distance), self.p.target
 
 
@@ -247,6 +291,13 @@ def testbed_register_poisoning(registry: KindRegistry) -> None:
         Backdoor,
         params=BackdoorParams,
         description="Trigger + target label on a share of the data, via ART (Gu et al. 2017)",
+    )
+    registry.add(
+        "clean_label_backdoor",
+        CleanLabelBackdoor,
+        params=CleanLabelBackdoorParams,
+        description="Trigger on PGD-hidden target-class images, labels kept, via ART "
+        "(Turner et al. 2019)",
     )
     registry.add(
         "sign_flip",
