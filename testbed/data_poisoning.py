@@ -247,6 +247,7 @@ def clean_label_backdoor(
         eps_step=p.eps_step,
         max_iter=p.max_iter,
     )
+    attack.attack.set_params(verbose=False)  # else its PGD draws a tqdm bar into the output
     floats = x.detach().cpu().float().numpy() / (255.0 if x.dtype == torch.uint8 else 1.0)
     onehot = np.eye(num_classes, dtype=np.float32)[y.cpu().numpy()]
     poisoned, _ = attack.poison(floats.astype(np.float32), onehot, broadcast=True)
