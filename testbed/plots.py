@@ -6,7 +6,8 @@
   eps, its alpha study for eps_step); for max_iter also the cost per batch;
 - examples_<attack>.png: one clean image and its adversarial versions along the sweep,
   with the adversary model's predictions (the paper's Fig. 2);
-- training_loss.png.
+- training_loss.png;
+- explain_<attack>.png with [explain]: attributions clean vs adversarial (explain_plots.py).
 """
 
 from __future__ import annotations
@@ -168,4 +169,7 @@ def write_plots(title: str, metrics: dict[str, Any], out: Path, examples: Path) 
             fig = examples_figure(title, classes, entry, points, seed, examples, out)
             if fig is not None:
                 paths.append(fig)
+    from testbed.explain_plots import explain_figures  # it imports this module
+
+    paths += explain_figures(title, metrics, examples, out)
     return paths

@@ -190,6 +190,9 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
     from testbed.report_poisoning import poisoning_tables  # it imports this module
 
     out += poisoning_tables(title, task)
+    from testbed.report_explain import explain_tables  # it imports this module
+
+    out += explain_tables(title, task)
     if name in TABLE_I:
         out += paper_tables(title, name, task)
     rs = summ["round_s"]

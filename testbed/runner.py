@@ -38,6 +38,7 @@ from testbed.builtins.datasets import cache_dir
 from testbed.cache import BadEntry, FederationCache, check_entry, training_key
 from testbed.data import ImageDataset
 from testbed.engines import Engine, InProcess, TrainingSetup
+from testbed.explain import explain_for_run
 from testbed.federation import (
     FederationState,
     LocalConfig,
@@ -311,7 +312,14 @@ def _run_repeat(job: Repeat, per_run: list[object]) -> tuple[dict[str, Any], lis
                 seed=seed, samples=scenario.threat_model.samples_per_adversary,
                 num_classes=len(ds.classes), device=device,
                 on_adversary_done=lambda: bars.advance(attacks_bar), classes=ds.classes,
+                keep=scenario.explain.images if scenario.explain else 0,
             )  # fmt: skip
+            if (batch := example.pop("batch", None)) is not None:  # [explain] (explain.py)
+                attacks[spec.label]["explain"], fig = explain_for_run(
+                    scenario.explain, finals, adversaries[0], batch
+                )
+                name = f"seed{seed}_{safe_name(spec.label)}_explain.pt"
+                torch_save_atomic(fig, job.examples_dir / name)
             torch_save_atomic(example, job.examples_dir / f"seed{seed}_{safe_name(spec.label)}.pt")
             ckpt.save_json(task.name, seed, "attacks", attacks)
         else:

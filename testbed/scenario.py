@@ -213,6 +213,32 @@ class Outsider(Strict):
     epochs: int = Field(ge=1, description="Epochs of training the surrogate on its data.")
 
 
+class Explain(Strict):
+    """Explanations of the first adversary's attacked images and whether they tell clean
+    from adversarial inputs (testbed/explain.py); off when the table is absent."""
+
+    methods: list[Literal["saliency", "integrated_gradients", "gradcam"]] = Field(
+        default_factory=lambda: ["saliency", "integrated_gradients", "gradcam"],
+        min_length=1,
+        description="Captum attribution methods (gradcam: the model's last convolution).",
+    )
+    images: int = Field(
+        16, ge=2, description="Attacked images explained per attack (clean and adversarial)."
+    )
+    top_k: float = Field(
+        0.1, gt=0, le=1, description="k of the top-k overlap, as a share of the pixels."
+    )
+    ig_steps: int = Field(20, ge=2, description="Integrated gradients' integration points.")
+    folds: int = Field(5, ge=2, description="Cross-validation folds of the detector, by image.")
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods must be unique, got {v}")
+        return v
+
+
 class Evaluation(Strict):
     repeats: int = Field(
         1, ge=1, le=MAX_REPEATS, description="Independent runs (train + attack) per scenario."
@@ -278,6 +304,9 @@ class Scenario(Strict):
     poisoning: list[Component] = Field(
         default_factory=list, description="Training-time attacks of the compromised clients."
     )
+    explain: Explain | None = Field(
+        None, description="Explain the attacked images (Captum) and measure if that helps."
+    )
     evaluation: Evaluation = Field(default_factory=Evaluation)
     report: Report = Field(default_factory=Report)
     engine: Engine = Field(
@@ -302,6 +331,12 @@ class Scenario(Strict):
                 raise ValueError(
                     f"threat_model.adversaries {bad} out of range 0..{self.federation.clients - 1}"
                 )
+        pool = self.threat_model.samples_per_adversary
+        if self.explain is not None and self.explain.images > pool:
+            raise ValueError(
+                f"explain.images ({self.explain.images}) exceeds "
+                f"threat_model.samples_per_adversary ({pool})"
+            )
         threat = threat_problems(self.threat_model, self.federation.clients, bool(self.poisoning))
         if threat:
             raise ValueError(threat[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from testbed.explain import summarise_explain
 from testbed.metrics import mean_std
 from testbed.poisoning_run import summarise_poisoning
 from testbed.robust_eval import summarise_repeats
@@ -27,6 +28,7 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
         "events": sum(len(r["events"]) for r in repeats),
         "round_s": mean_std([t for r in repeats for t in r["timing"]["round_s"]]),
         **({"poisoning": p} if (p := summarise_poisoning(repeats)) else {}),
+        **({"explain": e} if (e := summarise_explain(repeats)) else {}),
         **summarise_repeats(repeats),
     }
 

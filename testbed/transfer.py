@@ -117,12 +117,15 @@ def run_attack(
     on_adversary_done: Callable[[], None] | None = None,
     classes: Sequence[str] = (),
     crafting: Mapping[int, nn.Module] | None = None,
+    keep: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each adversary crafts on its own model (white-box); every model scores the result.
     Returns the metrics and one example (the first adversary's first image) for figures.
     ``classes`` (the dataset's class names) decide which class is healthy for the split of
     the ASR by direction; without them class 0 is. ``crafting`` (the outsider) gives each
-    adversary another model to craft on (a surrogate) in place of its federated one."""
+    adversary another model to craft on (a surrogate) in place of its federated one.
+    ``keep`` > 0 adds the first adversary's first ``keep`` clean and adversarial images and
+    labels to the example, as ``batch`` (for explanations)."""
     asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
     healthy = healthy_class(classes)
     directions: list[list[dict[str, float | int]]] = []
@@ -182,6 +185,10 @@ def run_attack(
                 "pred_clean": int(clean[a][0]),
                 "pred_adv": int(adv[a][0]),
             }
+            if keep > 0:
+                example["batch"] = {
+                    "x": x[:keep].cpu(), "x_adv": x_adv[:keep].cpu(), "y": y[:keep].cpu()
+                }  # fmt: skip
         asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
         if crafting is not None:
             asr_crafting.append(attack_success_rate(own, _plain_predict(crafter, x_adv)))
