@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retrain even if this federation was trained before (the cache is refreshed)",
     )
+    _mlflow_option(run)
 
     val = sub.add_parser("validate", help="check scenario files; report every problem")
     val.add_argument("scenarios", type=Path, nargs="+")
@@ -99,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     cmp.add_argument("--no-progress", action="store_true")
     cmp.add_argument("--no-cache", action="store_true")
+    _mlflow_option(cmp)
 
     rep = sub.add_parser("report", help="re-render a finished run's report (no recomputing)")
     rep.add_argument("run_dir", type=Path)
@@ -124,6 +126,37 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     return p
+
+
+def _mlflow_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="./mlruns",
+        metavar="URI",
+        help="log to MLflow when done (default store ./mlruns; needs the mlflow extra); "
+        "put it after the scenario files or write --mlflow=URI",
+    )
+
+
+def _tracker(args: argparse.Namespace) -> Any:
+    """The MLflow tracker for --mlflow, made before any run so that a missing mlflow or a
+    store it cannot open is one line before hours of training; None without --mlflow."""
+    from testbed.tracking import Tracker
+
+    uri = args.mlflow
+    if uri is None:
+        return None
+    if Path(uri).suffix.lower() in (".toml", ".json") and Path(uri).is_file():
+        raise _TrackingSetup(
+            f"--mlflow took the scenario file {uri} as its store; put --mlflow after the "
+            "scenario files, or write --mlflow=URI"
+        )
+    return Tracker(uri)
+
+
+class _TrackingSetup(Exception):
+    pass
 
 
 def _fail(console: Console, message: str) -> int:
@@ -255,6 +288,12 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
     if updates and args.resume is not None:
         return _fail(console, "--resume continues with the run's own seed and device")
     scenario = scenario.model_copy(update=updates)
+    from testbed.tracking import TrackingError
+
+    try:
+        tracker = _tracker(args)
+    except (TrackingError, _TrackingSetup) as exc:
+        return _fail(console, str(exc))
     started: list[Path] = []
 
     def on_start(run_dir: Path) -> None:
@@ -285,6 +324,12 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
         return _fail(console, "interrupted; nothing written")
     render(result.metrics, Console())
     console.print(f"Report written to {result.run_dir}", markup=False, highlight=False)
+    if tracker is not None:
+        try:
+            run_id = tracker.log_run(result.run_dir, result.metrics)
+        except TrackingError as exc:
+            return _fail(console, f"{exc} (the run folder {result.run_dir} is complete)")
+        console.print(f"MLflow run {run_id} in {tracker.uri}", markup=False, highlight=False)
     return 0
 
 
@@ -295,8 +340,9 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     from rich.markup import escape
 
     from testbed import compare
-    from testbed.runner import RunError, run_scenario, write_json
+    from testbed.runner import RunError, run_scenario
     from testbed.scenario import ScenarioError, load_scenario
+    from testbed.tracking import TrackingError
 
     scenarios, problems = [], []
     for f in args.scenarios:
@@ -318,6 +364,10 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     out = args.out or Path("reports") / f"compare-{stamp}"
     if out.exists():
         return _fail(console, f"{out} already exists")
+    try:
+        tracker = _tracker(args)
+    except (TrackingError, _TrackingSetup) as exc:
+        return _fail(console, str(exc))
     results = {}
     for path, scenario in zip(args.scenarios, scenarios, strict=True):
         console.print(f"[bold]{scenario.scenario.name}[/] ({escape(str(path))})")
@@ -335,10 +385,14 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
             return _fail(console, f"{path}: {exc}")
     labels, rows = compare.rows(results)
     compare.render(labels, rows, Console())
-    write_json(out / "compare.json", {"schema_version": 1, "attacks": labels, "rows": rows})
-    (out / "compare.md").write_text(compare.markdown(labels, rows))
-    compare.chart(labels, rows, out / "compare.png")
+    compare.write_outputs(out, labels, rows, results)
     console.print(f"Comparison written to {out}", markup=False, highlight=False)
+    if tracker is not None:
+        try:
+            run_id = tracker.log_compare(out, rows, results)
+        except TrackingError as exc:
+            return _fail(console, f"{exc} (the comparison in {out} is complete)")
+        console.print(f"MLflow run {run_id} in {tracker.uri}", markup=False, highlight=False)
     return 0
 
 
@@ -371,12 +425,17 @@ def cmd_report(run_dir: Path, console: Console) -> int:
         return _fail(console, f"{path}: incomplete metrics: {problems[0]}{more}")
     try:
         render(metrics, Console())
-        write_report(run_dir, metrics)
+        problem = write_report(run_dir, metrics)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         # The check above covers what the report reads today; a key it misses (a newer
         # section of the report) is still one line, never a traceback.
         return _fail(console, f"{path}: incomplete metrics: {type(exc).__name__}: {exc}")
-    console.print(f"Report written to {run_dir / 'report.md'}", highlight=False)
+    if problem:
+        return _fail(console, f"{run_dir}: {problem}")
+    console.print(
+        f"Report written to {run_dir / 'report.md'} and {run_dir / 'report.html'}",
+        highlight=False,
+    )
     return 0
 
 

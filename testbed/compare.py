@@ -2,7 +2,11 @@
 
 Each scenario is an ordinary run (its own run folder inside the comparison folder);
 identical training parts are trained once through the federation cache. The table is
-written as Markdown, JSON and a PNG chart beside the runs.
+written as Markdown, JSON, a bar chart, the trade-off figures (clean accuracy against the
+strongest attack's success and, where a DP mechanism is present, against epsilon, with the
+Pareto front marked) and one self-contained report.html beside the runs. The tables are
+sorted by the strongest attack's AASR, lowest first (ties: higher clean ACC first);
+compare.json keeps the order the scenarios were given in.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, 
             eps = summ.get("epsilon") or {}
             row: dict[str, Any] = {
                 "config": name if len(metrics["tasks"]) == 1 else f"{name}/{task_name}",
+                "scenario": name,
+                "task": task_name,
                 "acc": summ["acc_mean"],
                 "robust_acc": summ.get("robust_acc"),
                 "epsilon": _num(eps.get("mean")) if privacy else None,
+                "epsilon_std": _num(eps.get("std")) if privacy else None,
                 "delta": privacy[0]["delta"] if privacy else None,
                 "mechanism": ", ".join(p["mechanism"] for p in privacy) or "none",
                 "cache_hits": sum(bool(r.get("cache", {}).get("hit")) for r in task["repeats"]),
@@ -46,8 +53,67 @@ def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, 
                     "aetr": a["aetr"],
                     "cost_s": a["cost_s"],
                 }
+            row["strongest"] = strongest(row)
             out.append(row)
+    mark_pareto(out)
     return labels, out
+
+
+def strongest(row: dict[str, Any]) -> str | None:
+    """The attack with the highest mean AASR on this configuration: the defender's worst
+    case (None without attacks)."""
+    scored = [
+        (m, label)
+        for label, a in row["attacks"].items()
+        if not math.isnan(m := _num(a["aasr"]["mean"]))
+    ]
+    return max(scored)[1] if scored else None
+
+
+def worst_aasr(row: dict[str, Any]) -> float:
+    label = row.get("strongest")
+    return _num(row["attacks"][label]["aasr"]["mean"]) if label else math.nan
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Which of the (clean ACC, attack success) points no other point dominates: as
+    accurate or more and as hard to attack or harder, strictly better in one. Points with
+    a NaN coordinate are never on the front."""
+    ok = [not (math.isnan(a) or math.isnan(s)) for a, s in points]
+    front = []
+    for i, (a, s) in enumerate(points):
+        dominated = any(
+            ok[j] and b >= a and t <= s and (b > a or t < s)
+            for j, (b, t) in enumerate(points)
+            if j != i
+        )
+        front.append(ok[i] and not dominated)
+    return front
+
+
+def mark_pareto(table_rows: list[dict[str, Any]]) -> None:
+    """row["pareto"]: on the front of clean ACC vs the strongest attack's AASR among the
+    rows of the same task (configurations of different tasks are not comparable)."""
+    for task in dict.fromkeys(r.get("task") for r in table_rows):
+        group = [r for r in table_rows if r.get("task") == task]
+        flags = pareto_front([(_num(r["acc"]["mean"]), worst_aasr(r)) for r in group])
+        for r, flag in zip(group, flags, strict=True):
+            r["pareto"] = flag
+
+
+SORT_NOTE = "sorted by the strongest attack's AASR, lowest first (ties: higher clean ACC first)"
+
+
+def sorted_rows(table_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The display order: most robust first, by the strongest attack's AASR; rows without
+    an attack after those with one, by clean ACC."""
+
+    def key(r: dict[str, Any]) -> tuple[bool, float, float]:
+        w = worst_aasr(r)
+        acc = _num(r["acc"]["mean"])
+        return (math.isnan(w), 0.0 if math.isnan(w) else w, -acc if not math.isnan(acc) else 0)
+
+    return sorted(table_rows, key=key)
 
 
 POISONING_HEADERS = [
@@ -84,6 +150,13 @@ def _cells(row: dict[str, Any], labels: list[str], poisoned: bool = False) -> li
     robust = pct(rob["mean"], rob["std"], rob["n"]) if rob else "n/a"
     cells = [row["config"], pct(row["acc"]["mean"], row["acc"]["std"], row["acc"]["n"]), robust]
     cells.append(privacy)
+    label = row.get("strongest")
+    if label:
+        a = row["attacks"][label]["aasr"]
+        cells.append(f"{pct(a['mean'], a['std'], a['n'])} ({label})")
+    else:
+        cells.append("-")
+    cells.append("yes" if row.get("pareto") else "")
     if poisoned:
         cells += _poisoning_cells(row.get("poisoning"))
     for label in labels:
@@ -101,7 +174,10 @@ def _cells(row: dict[str, Any], labels: list[str], poisoned: bool = False) -> li
 
 
 def headers(labels: list[str], poisoned: bool = False) -> list[str]:
-    h = ["configuration", "clean ACC", "robust ACC", "(epsilon, delta)"]
+    h = [
+        "configuration", "clean ACC", "robust ACC", "(epsilon, delta)", "strongest AASR",
+        "Pareto",
+    ]  # fmt: skip
     if poisoned:
         h += POISONING_HEADERS
     for label in labels:
@@ -110,21 +186,42 @@ def headers(labels: list[str], poisoned: bool = False) -> list[str]:
 
 
 def render(labels: list[str], table_rows: list[dict[str, Any]], console: Console) -> None:
-    t = Table(title="Defence comparison (mean ± std over seeds)")
+    t = Table(title=f"Defence comparison (mean ± std over seeds), {SORT_NOTE}")
     poisoned = _poisoned(table_rows)
     for i, h in enumerate(headers(labels, poisoned)):
         t.add_column(h, justify="left" if i == 0 else "right")
-    for row in table_rows:
+    for row in sorted_rows(table_rows):
         t.add_row(*_cells(row, labels, poisoned))
     console.print(t)
 
 
-def markdown(labels: list[str], table_rows: list[dict[str, Any]]) -> str:
+def markdown(
+    labels: list[str], table_rows: list[dict[str, Any]], figures: list[str] | None = None
+) -> str:
     poisoned = _poisoned(table_rows)
     h = headers(labels, poisoned)
-    lines = ["# Defence comparison", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
-    lines += ["| " + " | ".join(_cells(row, labels, poisoned)) + " |" for row in table_rows]
+    lines = ["# Defence comparison", "", f"Mean ± std over seeds; {SORT_NOTE}.", ""]
+    lines += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+    lines += [
+        "| " + " | ".join(_cells(row, labels, poisoned)) + " |" for row in sorted_rows(table_rows)
+    ]
+    lines += ["", *pareto_notes(table_rows)]
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def pareto_notes(table_rows: list[dict[str, Any]]) -> list[str]:
+    """One line per task: the configurations on the front and what the front means."""
+    out = []
+    for task in dict.fromkeys(r.get("task") for r in table_rows):
+        front = [r["config"] for r in table_rows if r.get("task") == task and r.get("pareto")]
+        where = f" ({task})" if len({r.get("task") for r in table_rows}) > 1 else ""
+        out.append(
+            f"Pareto front{where}: {', '.join(front) or 'none'}: no other configuration has "
+            "both a higher clean ACC and a lower AASR of its strongest attack."
+        )
+    return out
 
 
 def chart(labels: list[str], table_rows: list[dict[str, Any]], path: Path) -> Path:
@@ -134,6 +231,7 @@ def chart(labels: list[str], table_rows: list[dict[str, Any]], path: Path) -> Pa
     import matplotlib.pyplot as plt
     import numpy as np
 
+    table_rows = sorted_rows(table_rows)
     names = [r["config"] for r in table_rows]
     series = [("clean ACC", [_num(r["acc"]["mean"]) for r in table_rows])]
     for label in labels:
@@ -158,9 +256,29 @@ def chart(labels: list[str], table_rows: list[dict[str, Any]], path: Path) -> Pa
         ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_title("clean accuracy and attack success per configuration")
+    ax.set_title("clean accuracy and attack success per configuration (most robust first)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_outputs(
+    out: Path, labels: list[str], table_rows: list[dict[str, Any]], results: dict[str, Any]
+) -> list[Path]:
+    """compare.json (rows in the order given), compare.md, compare.png, the trade-off
+    figures and report.html; the paths written."""
+    from testbed.compare_figures import tradeoff_figures
+    from testbed.report_html import write_compare_html
+    from testbed.rundir import write_json
+
+    write_json(out / "compare.json", {"schema_version": 1, "attacks": labels, "rows": table_rows})
+    figures = [chart(labels, table_rows, out / "compare.png")]
+    figures = tradeoff_figures(labels, table_rows, out) + figures
+    names = [f.name for f in figures]
+    tmp = out / "compare.md.tmp"
+    tmp.write_text(markdown(labels, table_rows, names))
+    tmp.replace(out / "compare.md")
+    html = write_compare_html(out, labels, table_rows, results, names)
+    return [out / "compare.json", out / "compare.md", *figures, html]

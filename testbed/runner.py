@@ -496,12 +496,20 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
+def write_report(run_dir: Path, metrics: dict[str, Any]) -> str | None:
+    """report.md, then report.html (testbed/report_html.py); the problem that kept
+    report.html from being written, if any: a bug in the page must not cost a run."""
     from testbed.report import markdown
+    from testbed.report_html import write_run_html
 
     tmp = run_dir / "report.md.tmp"
     tmp.write_text(markdown(metrics))
     os.replace(tmp, run_dir / "report.md")
+    try:
+        write_run_html(run_dir, metrics)
+    except Exception as exc:  # reported to the user; the run folder stays
+        return f"report.html not written: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _start_or_check_manifest(
@@ -605,7 +613,8 @@ def run_scenario(
                     )
                 result["plots"] = [str(p.relative_to(run_dir)) for p in plots]
             write_json(run_dir / "metrics.json", result)
-            write_report(run_dir, result)
+            if problem := write_report(run_dir, result):
+                warn(problem)
             shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         finally:
             log.removeHandler(handler)

@@ -5,6 +5,7 @@ import json
 from test_cli import TINY
 
 from testbed.cli import main
+from testbed.compare import pareto_front, sorted_rows
 
 
 def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
@@ -34,7 +35,25 @@ def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 1000
     for name in ("no-dp", "paper-dp", "median"):
         assert (out / name / "metrics.json").exists()
+        assert (out / name / "report.html").exists()
     assert "Defence comparison" in capsys.readouterr().out
+
+    # Trade-offs: the figures, the front, and the tables sorted by the strongest AASR
+    for fig in ("tradeoff.png", "tradeoff_epsilon.png"):  # paper-dp has an epsilon
+        assert (out / fig).stat().st_size > 1000
+        assert f"![{fig}]({fig})" in md
+    worst = [by[c]["attacks"]["PGD-3"]["aasr"]["mean"] for c in ("no-dp", "paper-dp", "median")]
+    assert all(by[c]["strongest"] == "PGD-3" for c in by)
+    order = [r["config"] for r in sorted_rows(table["rows"])]
+    assert [by[c]["attacks"]["PGD-3"]["aasr"]["mean"] for c in order] == sorted(worst)
+    md_order = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[6:9]]
+    assert md_order == order and "sorted by the strongest attack's AASR, lowest first" in md
+    front = pareto_front([(by[c]["acc"]["mean"], by[c]["attacks"]["PGD-3"]["aasr"]["mean"])
+                          for c in ("no-dp", "paper-dp", "median")])  # fmt: skip
+    assert [by[c]["pareto"] for c in ("no-dp", "paper-dp", "median")] == front and any(front)
+    html = (out / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == 3
+    assert "no-dp/report.html" in html and "Pareto front" in html
 
     # A second comparison reuses every trained federation.
     again = tmp_path / "cmp2"
@@ -52,3 +71,17 @@ def test_compare_reports_every_broken_file_before_running(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a.toml: federation.rounds" in err and "b.toml: aggregator.name" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_pareto_front_on_a_known_case():
+    # (clean ACC, AASR): higher ACC and lower AASR are better
+    points = [
+        (0.9, 0.8),  # most accurate: on the front
+        (0.8, 0.3),  # on the front
+        (0.7, 0.3),  # dominated by (0.8, 0.3)
+        (0.6, 0.1),  # most robust: on the front
+        (0.6, 0.1),  # a tie with the previous point: neither dominates the other
+        (0.5, 0.5),  # dominated
+        (float("nan"), 0.0),  # no number: never on the front
+    ]
+    assert pareto_front(points) == [True, True, False, True, True, False, False]
