@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override federation.device")
     run.add_argument(
         "--engine",
-        choices=["inprocess", "flower"],
-        help="override engine.name: train in this process, or on Flower's simulation engine",
+        choices=["inprocess", "batched", "flower"],
+        help="override engine.name: in this process, stacked (batched), or on Flower",
     )
     run.add_argument(
         "--data-root", type=Path, help=f"folder holding the datasets (or ${DATA_ROOT_ENV})"

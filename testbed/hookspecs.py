@@ -108,6 +108,15 @@ def testbed_register_poisoning(registry: KindRegistry) -> None:
     """
 
 
+@hookspec
+def testbed_register_engines(registry: KindRegistry) -> None:
+    """Register execution engines, chosen by ``[engine] name``. ``factory(params) ->
+    runner`` with ``runner.run(scenario, device, body) -> T``: it calls ``body(engine)``
+    once for the whole run, where ``engine.round_step(setup)`` returns the function that
+    trains one round (``testbed.engines.Engine``). Built-ins: "inprocess", "batched"
+    (``testbed.batched``) and "flower" (a Flower simulation around the run)."""
+
+
 # --------------------------------------------------------------------------------------
 # Federated lifecycle, in call order within one round.
 # --------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ KINDS = (
     "defences",
     "attacks",
     "poisoning",
+    "engines",
 )
 
 

@@ -37,7 +37,7 @@ from testbed.assemble import (
 from testbed.builtins.datasets import cache_dir
 from testbed.cache import BadEntry, FederationCache, check_entry, training_key
 from testbed.data import ImageDataset
-from testbed.engines import Engine, InProcess, TrainingSetup
+from testbed.engines import Engine, TrainingSetup
 from testbed.explain import explain_for_run
 from testbed.federation import (
     FederationState,
@@ -577,17 +577,9 @@ def run_scenario(
 
             if engine is not None:
                 tasks = run_tasks(engine)
-            elif scenario.engine.name == "flower":
-                try:
-                    from testbed.flower.simulation import simulate
-                except ImportError as exc:
-                    raise RunError(
-                        f"engine 'flower' needs the flower extra "
-                        f"(pip install -e '.[flower]'): {exc}"
-                    ) from None
-                tasks = simulate(scenario, device, run_tasks)
-            else:
-                tasks = run_tasks(InProcess())
+            else:  # the scenario's engine, a registered component (testbed/builtins/engines.py)
+                runner = host.registry.build("engines", scenario.engine.name, {})
+                tasks = runner.run(scenario, device, run_tasks)
             result = {
                 "schema_version": SCHEMA_VERSION,
                 "testbed_version": __version__,

@@ -268,7 +268,7 @@ class Report(Strict):
 class Engine(Strict):
     """Who runs the clients: this process, or Flower's simulation engine (Ray)."""
 
-    name: Literal["inprocess", "flower"] = "inprocess"
+    name: str = Field("inprocess", description="A registered engine (testbed_register_engines).")
     client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per simulated client.")
     client_gpus: float = Field(0.0, ge=0, description="Ray GPUs (fraction) per client.")
     ray_init_args: dict[str, Any] = Field(
@@ -460,6 +460,11 @@ def validate_document(doc: dict[str, Any], registry: Registry, file: str) -> Sce
 
 def _check_against_scenario(file: str, scenario: Scenario, registry: Registry) -> list[Problem]:
     problems = []
+    engines = registry["engines"]
+    if scenario.engine.name not in engines.components:
+        known = ", ".join(engines.names()) or "none installed"
+        msg = f"unknown engine {scenario.engine.name!r} (known: {known})"
+        problems.append(Problem(file, "engine.name", msg))
     for where, kind, spec in scenario.components():
         comp = registry[kind].components[spec.name]
         if comp.check is not None:

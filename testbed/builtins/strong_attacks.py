@@ -148,7 +148,6 @@ class CarliniLInfParams(_TargetParams):
         return _refuse_other_norm(data, cls, "cw_l2")
 
 
-
 class DeepFoolParams(Params):
     max_iter: int = Field(100, ge=1)
     epsilon: float = Field(1e-6, ge=0, description="Overshoot past the boundary.")

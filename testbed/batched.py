@@ -1,0 +1,209 @@
+"""The batched engine: every sampled client of a round trained as one stacked model.
+
+The clients' weights are stacked into one leading dimension
+(`torch.func.stack_module_state`), one `vmap` of `functional_call` computes every
+client's loss on its own batch, and one backward and one `torch.optim.SGD` step update
+all of them: each client's slice sees only its own gradient, so the optimiser does per
+client exactly what the in-process engine's does. Everything around local training (the
+hooks on uploads, screening, aggregation, downloads, the round record) is the same
+`finish_round` the other engines call.
+
+Equal to the in-process engine within float tolerance, not bitwise: batched kernels sum
+in another order. Each client draws its batch order and augmentation from the same
+generator the in-process engine uses, in the same order, so the data each step sees is
+identical. Clients with fewer batches (non-IID sizes, a short last batch) are padded
+with zero-weight samples; a client with no batch left keeps its weights and momentum.
+Two things it cannot batch, so it trains those rounds client by client, exactly as
+in-process: a plugin that takes over local training (`testbed_local_training`: DP-SGD,
+adversarial training), and dropout (vmap draws other random masks than the sequential
+loop, so its numbers would differ beyond tolerance).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from testbed.data import augment
+from testbed.federation import (
+    ClientData,
+    FederationState,
+    LocalConfig,
+    client_step,
+    finish_round,
+    round_context,
+    set_weights,
+)
+from testbed.state import ClientUpdate, RoundContext
+
+
+def _batches(
+    data: ClientData, cfg: LocalConfig, g: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The client's batches in `local_sgd`'s order, drawing from ``g`` exactly as it does."""
+    aug = cfg.augment
+    device = data.x_train.device
+    for _ in range(cfg.epochs):
+        order = torch.randperm(data.n_train, generator=g).to(device)
+        for start in range(0, data.n_train, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x = data.x_train[idx].float().div_(255)
+            yield augment(x, g, aug.hflip, aug.vflip, aug.rotate_degrees), data.y_train[idx]
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def batchable(model: nn.Module, hooks: Any) -> bool:
+    """Whether a round can be trained stacked (see the module docstring)."""
+    return not hooks.implementers("testbed_local_training") and not _has_dropout(model)
+
+
+@dataclass
+class _Pending:
+    """A client's batches still to come, and its running loss."""
+
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    loss_sum: float = 0.0
+    seen: int = 0
+
+
+def train_stacked(
+    model: nn.Module,
+    received: list[torch.Tensor],
+    data: list[ClientData],
+    cfg: LocalConfig,
+    generators: list[torch.Generator],
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Local training of every client at once: (each client's trained flat weights, each
+    one's mean training loss), as `local_sgd` would give client by client."""
+    copies = []
+    for w in received:
+        m = copy.deepcopy(model)
+        set_weights(m, w)
+        copies.append(m.train())
+    params, buffers = stack_module_state(copies)
+    base = copy.deepcopy(model)  # its own weights are replaced by the stacked ones
+    opt = torch.optim.SGD(
+        list(params.values()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+    def client_loss(p, b, x, y, w):
+        logits = functional_call(base, (p, b), (x,))
+        per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
+        return (per_sample * w).sum() / w.sum().clamp(min=1)
+
+    losses = vmap(client_loss, in_dims=(0, 0, 0, 0, 0))
+    pending = [_Pending(_batches(d, cfg, g)) for d, g in zip(data, generators, strict=True)]
+    x0 = data[0].x_train
+    shape = (len(data), cfg.batch_size, *x0.shape[1:])
+    while True:
+        step = [next(p.batches, None) for p in pending]
+        active = [s is not None for s in step]
+        if not any(active):
+            break
+        xs = torch.zeros(shape, device=x0.device)
+        ys = torch.zeros(shape[:2], dtype=torch.long, device=x0.device)
+        ws = torch.zeros(shape[:2], device=x0.device)
+        for c, s in enumerate(step):
+            if s is not None:
+                n = s[1].shape[0]
+                xs[c, :n], ys[c, :n], ws[c, :n] = s[0], s[1], 1.0
+        frozen = _freeze(opt, params, active)
+        loss = losses(params, buffers, xs, ys, ws)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()  # client c's loss depends on slice c only: per-client grads
+        opt.step()
+        _restore(opt, frozen)
+        for c, s in enumerate(step):
+            if s is not None:
+                n = s[1].shape[0]
+                pending[c].loss_sum += float(loss[c].detach()) * n
+                pending[c].seen += n
+    flat = torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)
+    return list(flat.unbind(0)), [p.loss_sum / max(p.seen, 1) for p in pending]
+
+
+Frozen = tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], list[int]]
+
+
+def _freeze(
+    opt: torch.optim.SGD, params: dict[str, torch.Tensor], active: list[bool]
+) -> Frozen | None:
+    """Copies of the idle clients' slices (weights, momentum) to put back after the step:
+    with zero gradient SGD would still move them by momentum and weight decay."""
+    idle = [c for c, a in enumerate(active) if not a]
+    if not idle:
+        return None
+    kept = []
+    for p in params.values():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        kept.append((p, p.detach()[idle].clone(), None if buf is None else buf[idle].clone()))
+    return kept, idle
+
+
+@torch.no_grad()
+def _restore(opt: torch.optim.SGD, frozen: Frozen | None) -> None:
+    if frozen is None:
+        return
+    kept, idle = frozen
+    for p, w, b in kept:
+        p[idle] = w
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if b is not None and buf is not None:
+            buf[idle] = b
+
+
+class Batched:
+    """Engine "batched": see the module docstring."""
+
+    name = "batched"
+
+    def round_step(
+        self, setup
+    ) -> Callable[[FederationState, Callable[[int], None]], FederationState]:
+        fed = setup.scenario.federation
+        hooks = setup.host.hook
+
+        def step(state: FederationState, on_client_done: Callable[[int], None]) -> FederationState:
+            ctx = round_context(
+                state, setup.clients, seed=setup.seed, rounds=fed.rounds, m=fed.m,
+                sampling=fed.client_sampling,
+            )  # fmt: skip
+            if batchable(setup.model, hooks) and ctx.sampled:
+                updates = _stacked_updates(state, ctx, setup, hooks)
+                for cid in ctx.sampled:
+                    on_client_done(cid)
+            else:
+                updates = []
+                for cid in ctx.sampled:
+                    received = state.client_weights[cid]
+                    data = setup.clients[cid]
+                    updates.append(client_step(setup.model, received, data, setup.cfg, ctx, hooks))
+                    on_client_done(cid)
+            return finish_round(
+                state, ctx, updates, setup.aggregator, hooks, setup.policy,
+                threat=setup.threat, server=setup.server,
+            )  # fmt: skip
+
+        return step
+
+
+def _stacked_updates(state: FederationState, ctx: RoundContext, setup, hooks) -> list[ClientUpdate]:
+    received = [state.client_weights[c] for c in ctx.sampled]
+    data = [setup.clients[c] for c in ctx.sampled]
+    gens = [ctx.generator("local", c) for c in ctx.sampled]
+    trained, losses = train_stacked(setup.model, received, data, setup.cfg, gens)
+    updates = []
+    for cid, w, r, d, loss in zip(ctx.sampled, trained, received, data, losses, strict=True):
+        update = ClientUpdate(cid, w - r, d.n_train, loss)
+        hooks.testbed_client_update(ctx=ctx, update=update)
+        updates.append(update)
+    return updates
