@@ -17,6 +17,16 @@ def attack_success_rate(pred_clean: torch.Tensor, pred_adv: torch.Tensor) -> flo
     return float((pred_clean != pred_adv).float().mean())
 
 
+def true_label_asr(y: torch.Tensor, pred_clean: torch.Tensor, pred_adv: torch.Tensor) -> float:
+    """ASR against the true label: among the images the model classifies correctly when
+    clean, the share it misclassifies after the attack (NaN when it gets none right).
+    `attack_success_rate` (the paper's, against the clean prediction) also counts images
+    the model already got wrong and an attack that moves a wrong label to another."""
+    right = pred_clean == y
+    n = int(right.sum())
+    return float((pred_adv[right] != y[right]).float().mean()) if n else math.nan
+
+
 def error_transfer_rate(
     pred_adv_source: torch.Tensor, pred_adv_target: torch.Tensor, y: torch.Tensor
 ) -> tuple[float, int]:

@@ -16,8 +16,9 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     for label in repeats[0]["attacks"]:
         rows = [r["attacks"][label] for r in repeats]
         attacks[label] = {
-            key: mean_std([_num(row[key]) for row in rows])
-            for key in ("aasr", "aasr_own", "aasr_benign", "aetr")
+            # .get: runs resumed from checkpoints older than the true-label variant
+            key: mean_std([_num(row.get(key)) for row in rows])
+            for key in ("aasr", "aasr_own", "aasr_benign", "aetr", "aasr_true")
         }
         attacks[label]["cost_s"] = mean_std([c for row in rows for c in row["cost_s"]])
     eps = [_num(p["epsilon"]) for r in repeats for p in r["privacy"]]

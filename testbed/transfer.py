@@ -29,6 +29,7 @@ from testbed.metrics import (
     named_healthy_class,
     targeted_success_rate,
     transfer_summary,
+    true_label_asr,
 )
 from testbed.perceptibility import perceptibility, pool_perceptibility
 from testbed.registry import Registry
@@ -127,6 +128,7 @@ def run_attack(
     ``keep`` > 0 adds the first adversary's first ``keep`` clean and adversarial images and
     labels to the example, as ``batch`` (for explanations)."""
     asr_rows, etr, costs, linf, counts = [], {}, [], 0.0, []
+    asr_true_rows: list[list[float]] = []
     healthy = healthy_class(classes)
     directions: list[list[dict[str, float | int]]] = []
     tsr_rows: list[list[float]] = []
@@ -190,6 +192,7 @@ def run_attack(
                     "x": x[:keep].cpu(), "x_adv": x_adv[:keep].cpu(), "y": y[:keep].cpu()
                 }  # fmt: skip
         asr_rows.append([attack_success_rate(clean[t], adv[t]) for t in range(len(deployed))])
+        asr_true_rows.append([true_label_asr(y, clean[t], adv[t]) for t in range(len(deployed))])
         if crafting is not None:
             asr_crafting.append(attack_success_rate(own, _plain_predict(crafter, x_adv)))
         directions.append([direction_asr(clean[t], adv[t], healthy) for t in range(len(deployed))])
@@ -216,6 +219,13 @@ def run_attack(
         "asr": asr_rows,
         "etr": {f"{a}->{t}": v for (a, t), v in etr.items()},
         **transfer_summary(asr_rows, etr, adversaries),
+        # the same, counted against the true label (a metric variant; see true_label_asr)
+        "asr_true": asr_true_rows,
+        **{
+            f"{k}_true": v
+            for k, v in _nan_free_summary(asr_true_rows, adversaries).items()
+            if k.startswith("aasr")
+        },
         "linf_max": linf,
         "cost_s": costs,
         # which defences the adversary's own model included when crafting (adaptive attack)
@@ -234,6 +244,17 @@ def run_attack(
         # white-box ASR on the model the examples were crafted on, when that is a surrogate
         "asr_crafting": asr_crafting or None,
     }, example
+
+
+def _nan_free_summary(rows: list[list[float]], adversaries: Sequence[int]) -> dict[str, float]:
+    """AASR means over the cells with support (a model that got no image right has none)."""
+    cells = [(a, t, v) for a, row in zip(adversaries, rows, strict=True) for t, v in enumerate(row)]
+    ok = [(a, t, v) for a, t, v in cells if not math.isnan(v)]
+    return {
+        "aasr": mean([v for _, _, v in ok]),
+        "aasr_own": mean([v for a, t, v in ok if a == t]),
+        "aasr_benign": mean([v for a, t, v in ok if a != t]),
+    }
 
 
 @torch.no_grad()

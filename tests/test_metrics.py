@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from testbed.metrics import (
@@ -8,6 +9,7 @@ from testbed.metrics import (
     error_transfer_rate,
     mean_std,
     transfer_summary,
+    true_label_asr,
 )
 
 
@@ -46,3 +48,13 @@ def test_mean_std_sample_std_and_single_value():
     assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
     assert mean_std([5.0])["std"] == 0.0
     assert mean_std([math.nan])["n"] == 0
+
+
+def test_true_label_asr_counts_only_images_the_model_got_right():
+    y = torch.tensor([0, 0, 1, 1, 1])
+    clean = torch.tensor([0, 1, 1, 1, 0])  # right on images 0, 2, 3
+    adv = torch.tensor([1, 0, 1, 0, 1])  # of those, 0 and 3 now wrong: 2/3
+    assert true_label_asr(y, clean, adv) == pytest.approx(2 / 3)
+    # the paper's ASR counts every change, including wrong -> right (image 1) and 4
+    assert attack_success_rate(clean, adv) == pytest.approx(4 / 5)
+    assert math.isnan(true_label_asr(y, 1 - y, y))  # nothing right: no support
