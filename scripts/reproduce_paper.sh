@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The seed paper's whole experiment and the sensitivity study of issue 14, on one GPU:
+#
+#   scripts/reproduce_paper.sh [OUT]          # DATA_ROOT=../shared/datasets by default
+#
+# 1. paper_baseline.toml at the full schedule (50 rounds x 20 local epochs, 3 clients),
+#    all three tasks, 3 seeds: Tables I/II with mean and 95% CI (`testbed report`).
+# 2. paper_sweeps.toml on the real data: Fig. 2 (eps) and Fig. 3 (clients).
+# 3. Sensitivity over what the paper leaves open, on the meningioma task, 3 seeds each:
+#    the downlink noise multiplier z, eps on [0, 1] pixels versus after normalisation
+#    (eps x the data's std), and the number of non-IID chunks per client. Every run also
+#    reports ASR against the true label beside the paper's (against the clean prediction).
+#
+# Env: DATA_ROOT, DEVICE (default cuda), ENGINE (default inprocess; "batched" stacks the
+# clients where the model has no dropout), BIN (default .venv/bin), STEPS ("1 2 3").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$(realpath "${BIN:-.venv/bin}")
+OUT=$(realpath -m "${1:-reports/reproduce-$(date +%Y%m%d-%H%M%S)}")
+DATA_ROOT=$(realpath "${DATA_ROOT:-../shared/datasets}")
+DEVICE=${DEVICE:-cuda}
+ENGINE=${ENGINE:-inprocess}
+STEPS=${STEPS:-1 2 3}
+
+# Expected time, before anything runs. Measured: one paper_baseline round takes 3.5 s on
+# an H200 in-process (docs/RESULTS.md), so a task-seed at 50 rounds takes ~3 min plus
+# ~1 min of attacks; on 2 CPU cores ~6 h per task-seed (../shared/reference/BASELINES.md).
+cat <<EOF
+reproduce_paper: device $DEVICE, engine $ENGINE, data $DATA_ROOT, output $OUT
+expected on one H200: step 1 ~35 min (3 tasks x 3 seeds), step 2 ~30 min, step 3 ~60 min
+(12 settings x 3 seeds on meningioma); on 2 CPU cores: days. Not yet measured end to end
+on a GPU (docs/RESULTS.md says which parts have been).
+EOF
+
+run() {  # run NAME SCENARIO [testbed run args...]
+  local name=$1 scenario=$2
+  shift 2
+  if [[ -f "$OUT/$name/metrics.json" ]]; then echo "done: $name"; return; fi
+  local resume=()
+  [[ -d "$OUT/.$name.partial" ]] && resume=(--resume)
+  echo "== $name ($(date +%H:%M:%S))"
+  "$BIN/testbed" run "$scenario" --data-root "$DATA_ROOT" --device "$DEVICE" \
+    --engine "$ENGINE" --out "$OUT/$name" "${resume[@]}" "$@"
+}
+
+mkdir -p "$OUT"
+MEN=(--task meningioma)
+for step in $STEPS; do
+  case $step in
+    1) run baseline scenarios/paper_baseline.toml ;;
+    2) run sweeps scenarios/paper_sweeps.toml ;;
+    3)
+      for z in 0 0.0005 0.005 0.05; do
+        run "z-$z" scenarios/paper_baseline.toml "${MEN[@]}" --set "dp.params.noise_multiplier=$z"
+      done
+      # eps after normalisation: the paper's 0.03 times the meningioma images' std
+      STD=$("$BIN/python" - "$DATA_ROOT" <<'PY'
+import sys
+from pathlib import Path
+from testbed.pluginmanager import build_host
+ds = build_host().registry.build(
+    "datasets", "brain_mri", {"task": "meningioma", "image_size": 100, "dedupe": False},
+    data_root=Path(sys.argv[1]))
+print(f"{float(ds.x.float().div(255).std()):.6f}")
+PY
+)
+      EPS=$("$BIN/python" -c "print(round(0.03 * $STD, 6))")
+      STEP=$("$BIN/python" -c "print(round(0.007 * $STD, 6))")
+      echo "meningioma pixel std $STD: eps 0.03 after normalisation is $EPS on [0, 1] pixels"
+      SETS=(--set "attacks.0.params.eps=$EPS")
+      for i in 1 2 3; do
+        SETS+=(--set "attacks.$i.params.eps=$EPS" --set "attacks.$i.params.eps_step=$STEP")
+      done
+      run eps-normalised scenarios/paper_baseline.toml "${MEN[@]}" "${SETS[@]}"
+      for chunks in 1 2 5 10; do
+        run "chunks-$chunks" scenarios/paper_baseline.toml "${MEN[@]}" \
+          --set "partition.params.chunks_per_client=$chunks"
+      done
+      ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
+echo "all runs in $OUT; tables: $BIN/testbed report $OUT/<run>"
