@@ -343,8 +343,8 @@ def _is_stat(v: Any) -> bool:
 def flatten(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
     """(dotted path, shown value) for every scalar leaf; a mean/std record is one value,
     a short list of scalars one value, anything larger is counted, not shown."""
-    if _is_stat(obj):
-        return [(prefix, _stat_pct(obj) if _looks_like_rate(obj) else _stat_num(obj))]
+    if _is_stat(obj):  # plain numbers: a rank correlation in [0, 1] is no percentage
+        return [(prefix, _stat_num(obj))]
     if isinstance(obj, dict):
         if depth > 6:
             return [(prefix, f"{{{len(obj)} keys}}")]
@@ -357,11 +357,6 @@ def flatten(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]
             return [(prefix, "[" + ", ".join(_fmt(v) for v in obj) + "]")]
         return [(prefix, f"[{len(obj)} values]")]
     return [(prefix, _fmt(obj))]
-
-
-def _looks_like_rate(stat: dict[str, Any]) -> bool:
-    m = _num(stat.get("mean"))
-    return not math.isnan(m) and 0 <= m <= 1
 
 
 def _stat_num(stat: dict[str, Any]) -> str:
@@ -413,6 +408,7 @@ def generic_tables(title: str, task: dict[str, Any]) -> list[TableData]:
             t.rows.append([p or key, *[d.get(p, "-") for d in per_seed]])
         out.append(t)
     for t in out:
+        t.notes.append("generic view of metrics.json (4 significant digits)")
         if len(t.rows) > MAX_GENERIC_ROWS:
             t.notes.append(f"{len(t.rows) - MAX_GENERIC_ROWS} more rows in metrics.json")
             del t.rows[MAX_GENERIC_ROWS:]

@@ -113,7 +113,7 @@ def test_metrics_no_table_knows_get_a_generic_table(run_dir):
     html = run_page(run_dir, m)
     assert "synthetic: probe per attack and seed" in html
     assert "<td>saliency.spearman</td><td>0.25</td><td>0.25</td>" in html
-    assert "<td>saliency.auroc</td><td>75.00% ± 1.00</td>" in html
+    assert "<td>saliency.auroc</td><td>0.75 ± 0.01</td>" in html
     assert "synthetic: future_block per seed" in html
 
 
