@@ -373,40 +373,80 @@ def generic_tables(title: str, task: dict[str, Any]) -> list[TableData]:
     repeats = task["repeats"]
     seeds = [str(r["seed"]) for r in repeats]
     out = []
+    seed_cols = [f"seed {s}" for s in seeds]
+    labels = list(dict.fromkeys(lab for r in repeats for lab in r["attacks"]))
+
+    def own_table(values: list[Any]) -> bool:
+        """A block (a dict that is no mean/std record) gets a table of its own; plain
+        values share one table."""
+        return any(isinstance(v, dict) and not _is_stat(v) for v in values)
+
+    # per attack and seed
     extra = sorted(
         {k for r in repeats for a in r["attacks"].values() for k in a} - KNOWN_ATTACK_KEYS
     )
+    shared = TableData(
+        f"{title}: other per-attack metrics, per seed", ["attack", "metric", *seed_cols]
+    )
     for key in extra:
-        t = TableData(
-            f"{title}: {key} per attack and seed",
-            ["attack", "metric", *[f"seed {s}" for s in seeds]],
+        values = [r["attacks"].get(lab, {}).get(key) for r in repeats for lab in labels]
+        t = (
+            TableData(f"{title}: {key} per attack and seed", shared.headers)
+            if own_table(values)
+            else shared
         )
-        for label in repeats[0]["attacks"]:
-            per_seed = [dict(flatten(r["attacks"].get(label, {}).get(key))) for r in repeats]
-            paths = list(dict.fromkeys(p for d in per_seed for p in d))
-            for p in paths:
-                t.rows.append([label, p or key, *[d.get(p, "-") for d in per_seed]])
-        out.append(t)
-    summ_attacks = task.get("summary", {}).get("attacks", {})
-    extra_summ = sorted({k for a in summ_attacks.values() for k in a} - KNOWN_SUMMARY_ATTACK_KEYS)
-    for key in extra_summ:
-        t = TableData(f"{title}: {key} per attack, over seeds", ["attack", "metric", "value"])
-        for label, a in summ_attacks.items():
-            for p, v in flatten(a.get(key)):
-                t.rows.append([label, p or key, v])
-        out.append(t)
+        for label in labels:
+            if all(key not in r["attacks"].get(label, {}) for r in repeats):
+                continue
+            per_seed = [dict(flatten(r["attacks"].get(label, {}).get(key), key)) for r in repeats]
+            for p in dict.fromkeys(p for d in per_seed for p in d):
+                t.rows.append([label, p, *[d.get(p, "-") for d in per_seed]])
+        if t is not shared:
+            out.append(t)
+    # per attack, over seeds
     summ = task.get("summary", {})
+    summ_attacks = summ.get("attacks", {})
+    extra = sorted({k for a in summ_attacks.values() for k in a} - KNOWN_SUMMARY_ATTACK_KEYS)
+    shared_summ = TableData(
+        f"{title}: other per-attack metrics, over seeds", ["attack", "metric", "value"]
+    )
+    for key in extra:
+        values = [a.get(key) for a in summ_attacks.values()]
+        t = (
+            TableData(f"{title}: {key} per attack, over seeds", shared_summ.headers)
+            if (own_table(values))
+            else shared_summ
+        )
+        for label, a in summ_attacks.items():
+            if key in a:
+                t.rows += [[label, p, v] for p, v in flatten(a[key], key)]
+        if t is not shared_summ:
+            out.append(t)
+    # the task's summary and each seed's record
+    shared_task = TableData(f"{title}: other metrics, over seeds", ["metric", "value"])
     for key in sorted(set(summ) - KNOWN_SUMMARY_KEYS):
-        t = TableData(f"{title}: {key}, over seeds", ["metric", "value"])
-        t.rows += [[p or key, v] for p, v in flatten(summ[key])]
-        out.append(t)
-    extra_rep = sorted({k for r in repeats for k in r} - KNOWN_REPEAT_KEYS)
-    for key in extra_rep:
-        per_seed = [dict(flatten(r.get(key))) for r in repeats]
-        t = TableData(f"{title}: {key} per seed", ["metric", *[f"seed {s}" for s in seeds]])
+        t = (
+            TableData(f"{title}: {key}, over seeds", shared_task.headers)
+            if own_table([summ[key]])
+            else shared_task
+        )
+        t.rows += [[p, v] for p, v in flatten(summ[key], key)]
+        if t is not shared_task:
+            out.append(t)
+    shared_rep = TableData(f"{title}: other metrics per seed", ["metric", *seed_cols])
+    for key in sorted({k for r in repeats for k in r} - KNOWN_REPEAT_KEYS):
+        values = [r.get(key) for r in repeats]
+        t = (
+            TableData(f"{title}: {key} per seed", shared_rep.headers)
+            if own_table(values)
+            else shared_rep
+        )
+        per_seed = [dict(flatten(v, key)) for v in values]
         for p in dict.fromkeys(p for d in per_seed for p in d):
-            t.rows.append([p or key, *[d.get(p, "-") for d in per_seed]])
-        out.append(t)
+            t.rows.append([p, *[d.get(p, "-") for d in per_seed]])
+        if t is not shared_rep:
+            out.append(t)
+    out += [t for t in (shared, shared_summ, shared_task, shared_rep) if t.rows]
     for t in out:
         t.notes.append("generic view of metrics.json (4 significant digits)")
         if len(t.rows) > MAX_GENERIC_ROWS:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -107,14 +108,18 @@ def test_metrics_no_table_knows_get_a_generic_table(run_dir):
     for r in task["repeats"]:
         r["attacks"]["PGD-3"]["probe"] = {"saliency": {"spearman": 0.25, "top_k": 0.5}}
         r["future_block"] = {"score": 3}
+        r["attacks"][HOSTILE]["new_rate"] = 0.125
     task["summary"]["attacks"]["PGD-3"]["probe"] = {
         "saliency": {"auroc": {"mean": 0.75, "std": 0.01, "n": 2}}
     }
     html = run_page(run_dir, m)
     assert "synthetic: probe per attack and seed" in html
-    assert "<td>saliency.spearman</td><td>0.25</td><td>0.25</td>" in html
-    assert "<td>saliency.auroc</td><td>0.75 ± 0.01</td>" in html
+    assert "<td>probe.saliency.spearman</td><td>0.25</td><td>0.25</td>" in html
+    assert "<td>probe.saliency.auroc</td><td>0.75 ± 0.01</td>" in html
     assert "synthetic: future_block per seed" in html
+    # plain values share one table: no table per key
+    assert f"<td>{escape(HOSTILE)}</td><td>new_rate</td><td>0.125</td>" in html
+    assert html.count("new_rate per attack") == 0
 
 
 # --------------------------------------------------------------------------------------
