@@ -110,7 +110,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                 _stat_pct(a["aasr_own"]),
                 _stat_pct(a["aasr_benign"]),
                 _stat_pct(a["aetr"]),
-                _stat_pct(a["aasr_true"]),
+                _stat_pct(a.get("aasr_true")),  # "n/a" for runs from before it
                 _stat_secs(a["cost_s"]),
             ]
         )

@@ -319,7 +319,7 @@ KNOWN_REPEAT_KEYS = {
     "seed", "cache", "clients", "acc", "acc_mean", "attacks", "robustness", "privacy",
     "events", "rounds", "timing", "poisoning", "server", "outsider",
 }  # fmt: skip
-KNOWN_SUMMARY_ATTACK_KEYS = {"aasr", "aasr_benign", "aasr_own", "aetr", "cost_s"}
+KNOWN_SUMMARY_ATTACK_KEYS = {"aasr", "aasr_benign", "aasr_own", "aetr", "aasr_true", "cost_s"}
 KNOWN_SUMMARY_KEYS = {
     "acc_mean", "attacks", "epsilon", "events", "round_s", "poisoning", "robust_acc",
     "sanity_flags",
