@@ -181,8 +181,8 @@ def run_attack(
         if not example:
             example = {
                 "adversary": a,
-                "x": x[0].cpu(),
-                "x_adv": x_adv[0].cpu(),
+                "x": x[0].cpu().clone(),  # clone: a view would save the whole batch
+                "x_adv": x_adv[0].cpu().clone(),
                 "label": int(y[0]),
                 "pred_clean": int(clean[a][0]),
                 "pred_adv": int(adv[a][0]),
