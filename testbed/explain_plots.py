@@ -15,11 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from testbed.plots import _save
 from testbed.rundir import safe_name
 
 METHOD_NAMES = {"saliency": "saliency", "integrated_gradients": "IG", "gradcam": "Grad-CAM"}
-ROLE_NAMES = {"own": "adversary's model", "benign": "benign model"}
+ROLE_NAMES = {"own": "own model", "benign": "benign model"}
 
 
 def _image(ax: Any, img: torch.Tensor, caption: str) -> None:
@@ -44,7 +43,7 @@ def explain_figure(
     models = fig_data["models"]
     methods = list(next(iter(models.values()))["maps"])
     cols = 3 + 2 * len(methods)
-    fig, axes = plt.subplots(len(models), cols, figsize=(1.75 * cols, 2.5 * len(models)))
+    fig, axes = plt.subplots(len(models), cols, figsize=(1.6 * cols, 2.3 * len(models)))
     axes = axes.reshape(len(models), cols)
     pert, scale, linf = amplified(fig_data["x"], fig_data["x_adv"])
 
@@ -71,7 +70,12 @@ def explain_figure(
         f"{models['own']['client']}, true {name(fig_data['y'])} (prediction, confidence)",
         fontsize=9,
     )
-    return _save(fig, out / f"explain_{safe_name(label)}.png")
+    # about 1.3 screen pixels per image pixel: the noisy maps make large, incompressible PNGs
+    path = out / f"explain_{safe_name(label)}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def explain_figures(title: str, metrics: dict[str, Any], examples: Path, out: Path) -> list[Path]:

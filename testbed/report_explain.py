@@ -85,6 +85,21 @@ def explain_tables(title: str, task: dict[str, Any]) -> list[TableData]:
         f"{n} inputs{f', mean of {seeds} seeds' if seeds > 1 else ''}) explanations do not "
         "tell adversarial from clean inputs"
     )
+    gaps = [
+        g
+        for label in summary
+        for r in repeats
+        if (e := r["attacks"][label].get("explain"))
+        for per_role in [e["per_method"].get("integrated_gradients", {})]
+        for stats in per_role.values()
+        if (g := stats.get("ig_completeness_gap")) is not None
+    ]
+    if gaps:
+        t.notes.append(
+            f"integrated gradients: {info['ig_steps']} steps from a black image; completeness "
+            f"gap |sum of attributions - (f(x) - f(0))| / |f(x) - f(0)| {min(gaps):.2f} to "
+            f"{max(gaps):.2f} (0 for the exact integral; more ig_steps lower it)"
+        )
     for label, cases in no_help.items():
         t.notes.append(
             f"Explanations do not help against {label}: the detector's AUROC is within chance "

@@ -27,7 +27,7 @@ from testbed.explain import (
 )
 from testbed.pluginmanager import build_host
 from testbed.problems import ScenarioError
-from testbed.report_explain import chance_band
+from testbed.report_explain import chance_band, explain_tables
 from testbed.scenario import load_scenario
 
 # --- attribution shift, hand-computed -------------------------------------------------
@@ -235,3 +235,38 @@ def test_tiny_run_with_explain_end_to_end_and_deterministic(tmp_path):
     # the example the other figures read carries no explanation batch
     example = torch.load(out / "examples" / "synthetic" / "seed5_PGD-3.pt", weights_only=True)
     assert "batch" not in example
+
+
+def _task_with_auroc(auroc: float) -> dict:
+    stats = {
+        "rank_corr": 0.5,
+        "top_k_overlap": 0.4,
+        "auroc": auroc,
+        "rank_corr_per_image": [0.5] * 16,
+        "top_k_overlap_per_image": [0.4] * 16,
+        "ig_completeness_gap": 0.1,
+    }
+    explain = {
+        "images": 16,
+        "models": {"own": 0, "benign": 1},
+        "k": 1000,
+        "top_k_share": 0.1,
+        "ig_steps": 20,
+        "detector": "logistic regression",
+        "per_method": {"integrated_gradients": {"own": stats, "benign": stats}},
+        "predictions": {"own": {"flipped": 0.75}, "benign": {"flipped": 0.5}},
+    }
+    return {"repeats": [{"attacks": {"PGD-20": {"explain": explain}}}], "summary": {}}
+
+
+def test_report_says_when_explanations_do_not_help_with_the_number():
+    (table,) = explain_tables("t", _task_with_auroc(0.55))
+    assert table.rows[0] == [
+        "PGD-20", "integrated_gradients", "own (client 0)", "0.50", "0.40", "0.55", "75%"
+    ]  # fmt: skip
+    notes = " ".join(table.notes)
+    assert "Explanations do not help against PGD-20" in notes
+    assert "integrated_gradients on the adversary's own model (0.55)" in notes
+    assert f"0.5 ± {chance_band(16):.2f}" in notes and "completeness gap" in notes
+    (table,) = explain_tables("t", _task_with_auroc(0.95))
+    assert "do not help" not in " ".join(table.notes)
