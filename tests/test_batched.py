@@ -99,3 +99,49 @@ def test_with_dropout_the_batched_engine_trains_client_by_client_bitwise(tmp_pat
     b, wb = _run(tmp_path, "batched", 0.25)
     assert all(torch.equal(wa[c], wb[c]) for c in wa)
     assert a["rounds"] == b["rounds"]
+
+
+ENGINE_PLUGIN = """
+from testbed import hookimpl
+from testbed.builtins.engines import Direct
+from testbed.engines import InProcess
+
+ROUNDS = []
+
+
+class Counting(InProcess):
+    name = "counting"
+
+    def round_step(self, setup):
+        inner = super().round_step(setup)
+
+        def step(state, on_client_done):
+            ROUNDS.append(state.round + 1)
+            return inner(state, on_client_done)
+
+        return step
+
+
+@hookimpl
+def testbed_register_engines(registry):
+    registry.add("counting", lambda p: Direct(Counting()), description="counts rounds")
+"""
+
+
+def test_a_third_party_engine_registers_and_runs_through_the_same_hook(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "counting_engine.py").write_text(ENGINE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = tmp_path / "s.toml"
+    p.write_text(TINY + '[engine]\nname = "counting"\n')
+    out = tmp_path / "out"
+    argv = ["-p", "counting_engine", "run", str(p), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--no-cache"]) == 0
+    import counting_engine
+
+    assert counting_engine.ROUNDS == [1, 2]  # TINY: 2 rounds, all through the plugin
+    # without the plugin the name is unknown: one line, exit 2, before anything runs
+    assert main(["run", str(p), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "unknown engine 'counting'" in err[-1], err
