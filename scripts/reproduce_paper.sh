@@ -12,7 +12,9 @@
 #    reports ASR against the true label beside the paper's (against the clean prediction).
 #
 # Env: DATA_ROOT, DEVICE (default cuda), ENGINE (default inprocess; "batched" stacks the
-# clients where the model has no dropout), BIN (default .venv/bin), STEPS ("1 2 3").
+# clients where the model has no dropout), DROPOUT (with ENGINE=batched: "exact", the
+# default, or "stacked" to batch the paper CNN's dropout too: the same training in
+# distribution, not in-process numbers), BIN (default .venv/bin), STEPS ("1 2 3").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${BIN:-.venv/bin}")
@@ -20,13 +22,15 @@ OUT=$(realpath -m "${1:-reports/reproduce-$(date +%Y%m%d-%H%M%S)}")
 DATA_ROOT=$(realpath "${DATA_ROOT:-../shared/datasets}")
 DEVICE=${DEVICE:-cuda}
 ENGINE=${ENGINE:-inprocess}
+ENGINE_SETS=(--set "engine.name=$ENGINE")
+[[ -n "${DROPOUT:-}" ]] && ENGINE_SETS+=(--set "engine.params.dropout=$DROPOUT")
 STEPS=${STEPS:-1 2 3}
 
 # Expected time, before anything runs. Measured: one paper_baseline round takes 3.5 s on
 # an H200 in-process (docs/RESULTS.md), so a task-seed at 50 rounds takes ~3 min plus
 # ~1 min of attacks; on 2 CPU cores ~6 h per task-seed (../shared/reference/BASELINES.md).
 cat <<EOF
-reproduce_paper: device $DEVICE, engine $ENGINE, data $DATA_ROOT, output $OUT
+reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, data $DATA_ROOT, output $OUT
 expected on one H200: step 1 ~35 min (3 tasks x 3 seeds), step 2 ~30 min, step 3 ~60 min
 (12 settings x 3 seeds on meningioma); on 2 CPU cores: days. Not yet measured end to end
 on a GPU (docs/RESULTS.md says which parts have been).
@@ -36,11 +40,14 @@ run() {  # run NAME SCENARIO [testbed run args...]
   local name=$1 scenario=$2
   shift 2
   if [[ -f "$OUT/$name/metrics.json" ]]; then echo "done: $name"; return; fi
-  local resume=()
-  [[ -d "$OUT/.$name.partial" ]] && resume=(--resume)
+  if [[ -d "$OUT/.$name.partial" ]]; then  # a resume takes the run's own scenario and device
+    echo "== $name, resumed ($(date +%H:%M:%S))"
+    "$BIN/testbed" run --resume "$OUT/$name" --data-root "$DATA_ROOT"
+    return
+  fi
   echo "== $name ($(date +%H:%M:%S))"
   "$BIN/testbed" run "$scenario" --data-root "$DATA_ROOT" --device "$DEVICE" \
-    --engine "$ENGINE" --out "$OUT/$name" "${resume[@]}" "$@"
+    "${ENGINE_SETS[@]}" --out "$OUT/$name" "$@"
 }
 
 mkdir -p "$OUT"

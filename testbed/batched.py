@@ -13,10 +13,15 @@ in another order. Each client draws its batch order and augmentation from the sa
 generator the in-process engine uses, in the same order, so the data each step sees is
 identical. Clients with fewer batches (non-IID sizes, a short last batch) are padded
 with zero-weight samples; a client with no batch left keeps its weights and momentum.
-Two things it cannot batch, so it trains those rounds client by client, exactly as
-in-process: a plugin that takes over local training (`testbed_local_training`: DP-SGD,
-adversarial training), and dropout (vmap draws other random masks than the sequential
-loop, so its numbers would differ beyond tolerance).
+A plugin that takes over local training (`testbed_local_training`: DP-SGD, adversarial
+training) cannot be batched: those rounds are trained client by client, exactly as
+in-process. Dropout can be batched only by giving up equality, since vmap draws the masks
+of all clients from one random stream and the sequential loop draws each client's from its
+own: with ``dropout = "exact"`` (the default) a model with dropout is trained client by
+client; with ``dropout = "stacked"`` it is batched (`vmap(randomness="different")`: every
+client its own independent masks, the stream seeded per round), which is the same
+training in distribution but another sample of it, so such a run has its own cache
+entries and is not compared with in-process numbers.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from testbed.federation import (
     client_step,
     finish_round,
     round_context,
+    seeded,
     set_weights,
 )
-from testbed.state import ClientUpdate, RoundContext
+from testbed.state import ClientUpdate, RoundContext, derive_seed
 
 
 def _batches(
@@ -61,9 +67,11 @@ def _has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
-def batchable(model: nn.Module, hooks: Any) -> bool:
+def batchable(model: nn.Module, hooks: Any, *, stacked_dropout: bool = False) -> bool:
     """Whether a round can be trained stacked (see the module docstring)."""
-    return not hooks.implementers("testbed_local_training") and not _has_dropout(model)
+    if hooks.implementers("testbed_local_training"):
+        return False
+    return stacked_dropout or not _has_dropout(model)
 
 
 @dataclass
@@ -81,9 +89,13 @@ def train_stacked(
     data: list[ClientData],
     cfg: LocalConfig,
     generators: list[torch.Generator],
+    *,
+    stacked_dropout: bool = False,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """Local training of every client at once: (each client's trained flat weights, each
-    one's mean training loss), as `local_sgd` would give client by client."""
+    one's mean training loss), as `local_sgd` would give client by client. Dropout masks
+    come from torch's global stream, one independent draw per client, only when
+    ``stacked_dropout`` allows it (otherwise a random op under vmap is an error)."""
     copies = []
     for w in received:
         m = copy.deepcopy(model)
@@ -100,7 +112,8 @@ def train_stacked(
         per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
         return (per_sample * w).sum() / w.sum().clamp(min=1)
 
-    losses = vmap(client_loss, in_dims=(0, 0, 0, 0, 0))
+    randomness = "different" if stacked_dropout else "error"
+    losses = vmap(client_loss, in_dims=(0, 0, 0, 0, 0), randomness=randomness)
     pending = [_Pending(_batches(d, cfg, g)) for d, g in zip(data, generators, strict=True)]
     x0 = data[0].x_train
     shape = (len(data), cfg.batch_size, *x0.shape[1:])
@@ -166,6 +179,9 @@ class Batched:
 
     name = "batched"
 
+    def __init__(self, *, stacked_dropout: bool = False) -> None:
+        self.stacked_dropout = stacked_dropout
+
     def round_step(
         self, setup
     ) -> Callable[[FederationState, Callable[[int], None]], FederationState]:
@@ -177,8 +193,8 @@ class Batched:
                 state, setup.clients, seed=setup.seed, rounds=fed.rounds, m=fed.m,
                 sampling=fed.client_sampling,
             )  # fmt: skip
-            if batchable(setup.model, hooks) and ctx.sampled:
-                updates = _stacked_updates(state, ctx, setup, hooks)
+            if batchable(setup.model, hooks, stacked_dropout=self.stacked_dropout) and ctx.sampled:
+                updates = _stacked_updates(state, ctx, setup, hooks, self.stacked_dropout)
                 for cid in ctx.sampled:
                     on_client_done(cid)
             else:
@@ -196,11 +212,18 @@ class Batched:
         return step
 
 
-def _stacked_updates(state: FederationState, ctx: RoundContext, setup, hooks) -> list[ClientUpdate]:
+def _stacked_updates(
+    state: FederationState, ctx: RoundContext, setup, hooks, stacked_dropout: bool
+) -> list[ClientUpdate]:
     received = [state.client_weights[c] for c in ctx.sampled]
     data = [setup.clients[c] for c in ctx.sampled]
     gens = [ctx.generator("local", c) for c in ctx.sampled]
-    trained, losses = train_stacked(setup.model, received, data, setup.cfg, gens)
+    # one stream for all clients' masks (vmap splits it), seeded apart from the per-client
+    # streams client_step uses, which a stacked-dropout run cannot reproduce anyway
+    with seeded(derive_seed(ctx.seed, ctx.round, "dropout-stacked"), received[0].device):
+        trained, losses = train_stacked(
+            setup.model, received, data, setup.cfg, gens, stacked_dropout=stacked_dropout
+        )
     updates = []
     for cid, w, r, d, loss in zip(ctx.sampled, trained, received, data, losses, strict=True):
         update = ClientUpdate(cid, w - r, d.n_train, loss)

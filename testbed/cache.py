@@ -67,6 +67,8 @@ def training_key(
         inputs["threat"] = threat
     if root_set is not None:
         inputs["root_set"] = root_set
+    if scenario.engine.params:  # "stacked" dropout trains another federation (see batched.py)
+        inputs["engine_params"] = scenario.engine.params
     blob = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 

@@ -277,8 +277,12 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
     updates: dict[str, object] = {}
     if args.device is not None:
         updates["federation"] = scenario.federation.model_copy(update={"device": args.device})
-    if args.engine is not None:
-        updates["engine"] = scenario.engine.model_copy(update={"name": args.engine})
+    if args.engine is not None and args.engine != scenario.engine.name:
+        # the file's engine params belong to its engine: the new one starts from its defaults
+        params = host.registry["engines"].components[args.engine].params()
+        updates["engine"] = scenario.engine.model_copy(
+            update={"name": args.engine, "params": params.model_dump(mode="json")}
+        )
     if args.task:
         known = [t.name for t in scenario.task_list()]
         unknown = [t for t in args.task if t not in known]

@@ -277,13 +277,26 @@ def render(metrics: dict[str, Any], console: Console) -> None:
     console.print(f"Device: {device}; total {_num(metrics['timing']['total_s']):.1f} s")
 
 
+def engine_line(metrics: dict[str, Any]) -> str:
+    """Which engine trained the run, and what that means for comparing its numbers."""
+    spec = metrics.get("engine") or {}
+    params = spec.get("params") or {}
+    line = f"engine {spec.get('name', 'inprocess')}"
+    if params:
+        line += " (" + ", ".join(f"{k} = {v}" for k, v in params.items()) + ")"
+    if params.get("dropout") == "stacked":
+        line += ": dropout masks drawn stacked, so this is the in-process training in "
+        line += "distribution, not its numbers"
+    return line
+
+
 def markdown(metrics: dict[str, Any]) -> str:
     hw = metrics["hardware"]
     lines = [
         f"# {metrics['scenario']}",
         "",
         f"testbed {metrics['testbed_version']}, seeds {metrics['seeds']}, "
-        f"{hw.get('gpu', hw['device'])}, torch {hw['torch']}, "
+        f"{hw.get('gpu', hw['device'])}, torch {hw['torch']}, {engine_line(metrics)}, "
         f"{_num(metrics['timing']['total_s']):.1f} s in total.",
         "",
     ]

@@ -272,7 +272,8 @@ def run_scenario(
             if engine is not None:
                 tasks = run_tasks(engine)
             else:  # the scenario's engine, a registered component (testbed/builtins/engines.py)
-                runner = host.registry.build("engines", scenario.engine.name, {})
+                spec = scenario.engine
+                runner = host.registry.build("engines", spec.name, spec.params)
                 tasks = runner.run(scenario, device, run_tasks)
             result = {
                 "schema_version": SCHEMA_VERSION,

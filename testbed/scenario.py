@@ -66,6 +66,7 @@ SECTION_KINDS = {
     "defences": "defences",
     "attacks": "attacks",
     "poisoning": "poisoning",
+    "engine": "engines",
 }
 
 
@@ -265,8 +266,9 @@ class Report(Strict):
     )
 
 
-class Engine(Strict):
-    """Who runs the clients: this process, or Flower's simulation engine (Ray)."""
+class Engine(Component):
+    """Who runs the clients: this process, stacked on one device, or Flower's simulation
+    engine (Ray)."""
 
     name: str = Field("inprocess", description="A registered engine (testbed_register_engines).")
     client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per simulated client.")
@@ -310,7 +312,8 @@ class Scenario(Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     report: Report = Field(default_factory=Report)
     engine: Engine = Field(
-        default_factory=Engine, description='"inprocess" (default) or "flower", or a table.'
+        default_factory=Engine,
+        description='"inprocess" (default), "batched" or "flower", or a table.',
     )
     search: Search | None = Field(
         None, description="`testbed search`: the attack to tune and how (`run` ignores it)."

@@ -13,7 +13,14 @@ import testbed.batched
 from testbed.batched import train_stacked
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
 from testbed.cli import main
-from testbed.federation import ClientData, LocalConfig, get_weights, local_sgd, set_weights
+from testbed.federation import (
+    ClientData,
+    LocalConfig,
+    get_weights,
+    local_sgd,
+    seeded,
+    set_weights,
+)
 from testbed.scenario import Augment
 
 SIDE = 12
@@ -59,15 +66,18 @@ def test_stacked_training_matches_local_sgd_client_by_client():
     assert torch.equal(get_weights(model), start)  # the template model is left alone
 
 
-def _run(tmp_path, engine: str, dropout: float) -> tuple[dict, dict[int, torch.Tensor]]:
-    p = tmp_path / f"{engine}{dropout}.toml"
+def _run(
+    tmp_path, engine: str, dropout: float, extra: str = "", name: str = "", cache: bool = False
+) -> tuple[dict, dict[int, torch.Tensor]]:
+    name = name or f"{engine}{dropout}"
+    p = tmp_path / f"{name}.toml"
     fc = "fc_units = [16, 16, 16, 8]"
     text = TINY.replace(f"{fc} }}", f"{fc}, dropout = {dropout} }}")
     text = text.replace("plots = false", "plots = false\nsave_weights = true")
-    p.write_text(text.replace("local_epochs = 1", "local_epochs = 2\nmomentum = 0.9"))
-    out = tmp_path / f"{engine}{dropout}"
-    args = ["run", str(p), "--out", str(out), "--engine", engine, "--no-cache", "--no-progress"]
-    assert main(args) == 0
+    p.write_text(text.replace("local_epochs = 1", "local_epochs = 2\nmomentum = 0.9") + extra)
+    out = tmp_path / name
+    args = ["run", str(p), "--out", str(out), "--engine", engine, "--no-progress"]
+    assert main([*args] if cache else [*args, "--no-cache"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     weights = {
         c: torch.cat([t.flatten() for t in torch.load(f).values()])
@@ -99,6 +109,82 @@ def test_with_dropout_the_batched_engine_trains_client_by_client_bitwise(tmp_pat
     b, wb = _run(tmp_path, "batched", 0.25)
     assert all(torch.equal(wa[c], wb[c]) for c in wa)
     assert a["rounds"] == b["rounds"]
+
+
+def test_stacked_dropout_draws_each_clients_masks_independently_and_reproducibly():
+    """Three clients with the same weights, data and batch order differ only by their
+    dropout masks: under "stacked" dropout they end apart (independent masks), the same
+    seeded stream gives the same weights again, and without it a random op under vmap is
+    refused rather than silently given one mask for all."""
+    model = _model(dropout=0.5)
+    cfg = LocalConfig(1, 4, 0.1, 0.0, 0.0, Augment(hflip=False))
+    one = _clients([8])[0]
+    clients = [ClientData(c, one.x_train, one.y_train, one.x_test, one.y_test) for c in range(3)]
+    start = get_weights(model)
+
+    def gens() -> list[torch.Generator]:  # the same batch order for all three
+        return [torch.Generator().manual_seed(3) for _ in range(3)]
+
+    def train() -> list[torch.Tensor]:
+        with seeded(7, start.device):
+            trained, _ = train_stacked(
+                model, [start] * 3, clients, cfg, gens(), stacked_dropout=True
+            )
+        return trained
+
+    a, b = train(), train()
+    for c in range(3):
+        assert torch.equal(a[c], b[c])
+    assert not torch.allclose(a[0], a[1]) and not torch.allclose(a[1], a[2])
+    no_dropout = _model(dropout=0.0)
+    # without dropout the three stay identical: only the masks set them apart
+    same, _ = train_stacked(no_dropout, [start] * 3, clients, cfg, gens())
+    assert torch.equal(same[0], same[1])
+    with pytest.raises(RuntimeError, match="randomness"):
+        train_stacked(model, [start] * 3, clients, cfg, gens())
+
+
+STACKED = '\n[engine]\nname = "batched"\nparams = { dropout = "stacked" }\n'
+
+
+def test_a_stacked_dropout_run_batches_is_reproducible_and_has_its_own_cache_entries(
+    tmp_path, monkeypatch
+):
+    """The paper CNN has dropout: with dropout = "stacked" the batched engine trains it
+    stacked, the same seed gives the same run, and neither an in-process nor an "exact"
+    run's cache entries serve it (its numbers are another sample of the training)."""
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    exact, _ = _run(tmp_path, "batched", 0.25, name="exact", cache=True)
+
+    def sequential(*args, **kw):
+        raise AssertionError("the batched engine trained a client on its own")
+
+    monkeypatch.setattr(testbed.batched, "client_step", sequential)
+    a, wa = _run(tmp_path, "batched", 0.25, STACKED, name="stacked", cache=True)
+    assert a["cache"]["hit"] is False and a["cache"]["key"] != exact["cache"]["key"]
+    b, wb = _run(tmp_path, "batched", 0.25, STACKED, name="again")
+    assert all(torch.equal(wa[c], wb[c]) for c in wa)
+    assert a["rounds"] == b["rounds"]
+    assert a["rounds"] != exact["rounds"]
+    report = (tmp_path / "stacked" / "report.md").read_text()
+    assert "engine batched (dropout = stacked): dropout masks drawn stacked" in report
+
+
+def test_engine_params_are_checked_against_the_engine_and_reset_by_engine_flag(tmp_path, capsys):
+    p = tmp_path / "s.toml"
+    p.write_text(TINY + '[engine]\nname = "inprocess"\nparams = { dropout = "stacked" }\n')
+    assert main(["validate", str(p)]) == 2
+    assert "engine.params" in capsys.readouterr().out
+    p.write_text(TINY + STACKED.replace("stacked", "sometimes"))
+    assert main(["validate", str(p)]) == 2
+    assert "'exact' or 'stacked'" in capsys.readouterr().out
+    # the file's batched params do not follow --engine to another engine
+    p.write_text(TINY + STACKED)
+    out = tmp_path / "o"
+    args = ["run", str(p), "--out", str(out), "--engine", "inprocess", "--no-progress"]
+    assert main([*args, "--no-cache"]) == 0
+    resolved = json.loads((out / "scenario.json").read_text())
+    assert resolved["engine"]["name"] == "inprocess" and resolved["engine"]["params"] == {}
 
 
 ENGINE_PLUGIN = """

@@ -4,14 +4,15 @@ the sampled clients each round (see testbed/engines.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
+from pydantic import Field
 
 from testbed import hookimpl
 from testbed.batched import Batched
 from testbed.engines import Engine, InProcess
-from testbed.registry import KindRegistry
+from testbed.registry import KindRegistry, Params
 from testbed.rundir import RunError
 from testbed.scenario import Scenario
 
@@ -41,6 +42,15 @@ class FlowerSimulation:
         return simulate(scenario, device, body)
 
 
+class BatchedParams(Params):
+    dropout: Literal["exact", "stacked"] = Field(
+        "exact",
+        description='How a model with dropout is trained: "exact" client by client, equal '
+        'to in-process; "stacked" batched too, each client drawing its own masks (not equal '
+        "to in-process: another random stream, the same training in distribution)",
+    )
+
+
 @hookimpl
 def testbed_register_engines(registry: KindRegistry) -> None:
     registry.add(
@@ -48,7 +58,8 @@ def testbed_register_engines(registry: KindRegistry) -> None:
     )
     registry.add(
         "batched",
-        lambda p: Direct(Batched()),
+        lambda p: Direct(Batched(stacked_dropout=p.dropout == "stacked")),
+        params=BatchedParams,
         description="All sampled clients as one stacked model (torch.func.vmap)",
     )
     registry.add(
