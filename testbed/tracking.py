@@ -225,7 +225,7 @@ class Tracker:
             raise TrackingError(f"MLflow logging failed: {_first_line(exc)}") from None
 
     def _log_run(self, run_dir: Path, metrics: dict[str, Any], parent: str | None) -> str:
-        from testbed.report_html import figure_files
+        from testbed.html_page import figure_files
 
         tags = {"testbed.version": str(metrics.get("testbed_version")),
                 "testbed.run_dir": str(run_dir.resolve())}  # fmt: skip
