@@ -31,7 +31,7 @@ from testbed.assemble import (
     make_clients,
     per_run_objects,
 )
-from testbed.builtins.datasets import cache_dir
+from testbed.builtins.dataset_cache import cache_dir
 from testbed.cache import FederationCache
 from testbed.data import ImageDataset
 from testbed.engines import Engine

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from testbed.assemble import build_model, make_clients, per_run_objects
-from testbed.builtins.datasets import cache_dir
+from testbed.builtins.dataset_cache import cache_dir
 from testbed.cache import BadEntry, FederationCache
 from testbed.federation import set_weights
 from testbed.perceptibility import pool_perceptibility

@@ -15,17 +15,11 @@ from PIL import Image
 from pydantic import ValidationError
 from torchvision.io import write_jpeg, write_png
 
-from testbed.builtins import datasets
-from testbed.builtins.datasets import (
-    BrainMRIParams,
-    PCamParams,
-    SyntheticParams,
-    cache_dir,
-    load_brain_mri,
-    load_pcam,
-    load_synthetic,
-    stratified_subsample,
-)
+from testbed.builtins import dataset_brain_mri
+from testbed.builtins.dataset_brain_mri import BrainMRIParams, load_brain_mri
+from testbed.builtins.dataset_cache import cache_dir
+from testbed.builtins.dataset_pcam import PCamParams, load_pcam, stratified_subsample
+from testbed.builtins.dataset_synthetic import SyntheticParams, load_synthetic
 from testbed.data import DatasetError
 from testbed.pluginmanager import build_host
 
@@ -200,13 +194,14 @@ def test_cache_hit_then_rebuilt_when_corrupt_or_data_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decodes: list[int] = []
-    real_decode = datasets._decode_files
+    real_decode = dataset_brain_mri._decode_files
 
     def counting(files: Sequence[Path], *args: object) -> torch.Tensor:
         decodes.append(len(files))
         return real_decode(files, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(datasets, "_decode_files", counting)
+    # load_brain_mri looks the decoder up in its own module, so it is patched there
+    monkeypatch.setattr(dataset_brain_mri, "_decode_files", counting)
     make_brain_tree(tmp_path / "mri")
     params = BrainMRIParams(task="meningioma", path="mri", image_size=20)
     cold = load_brain_mri(params, tmp_path)

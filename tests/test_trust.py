@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_cli import TINY, strip_timing
 
-from testbed.builtins.datasets import cache_dir
+from testbed.builtins.dataset_cache import cache_dir
 from testbed.cli import main
 
 # A dataset read from the data root (so two roots give two datasets under one spec), an

@@ -1,0 +1,96 @@
+"""The on-disk cache of decoded datasets, shared by the built-in loaders.
+
+Decoding thousands of JPEG, PNG or TIFF files is slow and every run on the same data
+needs the same tensors, so a loader keeps what it decoded ({x, y, ids, info}) under
+``$TESTBED_CACHE_DIR`` (default ``~/.cache/testbed``), keyed by the loader's parameters
+and the names, sizes and mtimes of its source files. Kept apart from the loaders because
+the runner and the search keep their trained federations in the same folder
+(``cache_dir() / "federations"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_ENV = "TESTBED_CACHE_DIR"
+# Bump when the cached payload or the decoding changes, so old caches are never reused.
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "testbed"
+
+
+def _cache_key(*parts: object) -> str:
+    return hashlib.blake2b(repr((CACHE_VERSION, *parts)).encode(), digest_size=16).hexdigest()
+
+
+def _file_stamp(files: Sequence[Path], base: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and mtimes: cheap to read, and any edit to the data changes them."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append((f.relative_to(base).as_posix(), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _load_cache(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION:
+            return None
+        x, y = payload["x"], payload["y"]
+        ok = (
+            isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and x.dtype == torch.uint8
+            and x.ndim == 4
+            and y.dtype == torch.int64
+            and y.shape == (x.shape[0],)
+            and len(payload["ids"]) == x.shape[0]
+            and isinstance(payload["info"], dict)
+        )
+        return payload if ok else None
+    except Exception:
+        # A truncated or foreign file is just a cache miss; it is rebuilt and replaced.
+        return None
+
+
+def _save_cache(path: Path, payload: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+            # Atomic, so a concurrent reader never sees a half-written cache.
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        # An unwritable cache folder costs only speed, never a run.
+        pass
+
+
+def cached(
+    kind: str, key_parts: tuple[object, ...], build: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """The payload ``build()`` returns ({x, y, ids, info}), kept on disk across runs."""
+    path = cache_dir() / f"{kind}-{_cache_key(*key_parts)}.pt"
+    # Whether it was a hit stays out of ``info``: reports of equal runs must be equal.
+    payload = _load_cache(path)
+    if payload is None:
+        payload = {"version": CACHE_VERSION, **build()}
+        _save_cache(path, payload)
+    return payload
