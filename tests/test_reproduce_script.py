@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 
+import pytest
 from conftest import REPO
 
 from testbed.cli import main
@@ -20,6 +22,9 @@ STUB = '#!/usr/bin/env bash\necho "$@" >> "$(dirname "$0")/calls"\n'
 def _script(tmp_path, out, **env: str) -> list[list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
+    python = bin_dir / "python"  # step 3 measures the data's std with it
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
     stub = bin_dir / "testbed"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -58,3 +63,25 @@ def test_an_interrupted_run_is_resumed_as_it_was_and_a_finished_one_skipped(tmp_
     (out / "baseline").mkdir()
     (out / "baseline" / "metrics.json").write_text("{}")
     assert _script(tmp_path, out) == []
+
+
+@pytest.mark.realdata
+def test_every_run_of_every_step_is_a_scenario_the_cli_accepts(tmp_path, data_root):
+    """The sensitivity study's --set lists (noise multiplier, eps after normalisation from
+    the measured std, chunks) are checked here, not first on a lent GPU."""
+    calls = _script(tmp_path, tmp_path / "out", STEPS="1 2 3", DATA_ROOT=str(data_root))
+    registry = build_host().registry
+    names = []
+    for call in calls:
+        assert call[0] == "run"
+        sets = [call[i + 1] for i, a in enumerate(call) if a == "--set"]
+        scenario = load_scenario(REPO / call[1], registry, sets)
+        tasks = [t.name for t in scenario.task_list()]
+        if "--task" in call:
+            assert call[call.index("--task") + 1] in tasks
+        names.append(call[call.index("--out") + 1].rsplit("/", 1)[1])
+        if names[-1] == "eps-normalised":
+            eps = {a.params["eps"] for a in scenario.attacks}
+            assert len(eps) == 1 and 0.001 < eps.pop() < 0.03  # 0.03 x a std below 1
+            assert len({a.params.get("eps_step") for a in scenario.attacks[1:]}) == 1
+    assert names[:2] == ["baseline", "sweeps"] and len(names) == 2 + 4 + 1 + 4
