@@ -21,7 +21,6 @@ from torchvision.io import ImageReadMode, decode_image
 from testbed.data import DatasetError, ImageDataset, to_uint8
 
 _TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
-MAX_SEED = 2**63 - 1
 
 
 def _one_line(exc: BaseException) -> str:

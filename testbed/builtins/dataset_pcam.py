@@ -21,7 +21,6 @@ from torchvision.io import ImageReadMode
 
 from testbed.builtins.dataset_cache import _file_stamp, cached
 from testbed.builtins.dataset_files import (
-    MAX_SEED,
     _dataset,
     _decode_files,
     _one_line,
@@ -30,6 +29,7 @@ from testbed.builtins.dataset_files import (
 )
 from testbed.data import DatasetError, ImageDataset, check_fits_in_memory, pil_to_array
 from testbed.registry import Params
+from testbed.scenario import MAX_SEED
 
 PCAM_CLASSES = ("normal", "metastatic")
 HDF5_PREFIX = "camelyonpatch_level_2_split_"

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from testbed.builtins.dataset_files import MAX_SEED
 from testbed.data import ImageDataset, check_fits_in_memory
 from testbed.registry import Params
+from testbed.scenario import MAX_SEED
 
 
 class SyntheticParams(Params):
