@@ -10,7 +10,10 @@ Run:  OMP_NUM_THREADS=2 pytest benchmarks/test_engine_step.py --benchmark-enable
   client (weights in, generator, hooks, local_sgd, update out).
 - "stacked" vs "sequential": three clients' local training by the batched engine
   (`testbed.batched.train_stacked`) and by three `local_sgd` calls.
-Augmentation off and dropout 0 in all, so every variant does the same arithmetic.
+- "sequential" vs "stacked" with the paper CNN's dropout 0.25: the batched engine with
+  ``dropout = "stacked"`` (one vmap with per-client masks) against three `local_sgd` calls.
+Augmentation off in all, and dropout 0 but in the last group, so every variant of a group
+does the same arithmetic.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ N_TRAIN = 16 if QUICK else 96  # three batches of 32: one local epoch of a small
 CFG = LocalConfig(1, 32, 0.01, 0.9, 0.0, Augment(hflip=False))
 
 
-def _model() -> nn.Module:
+def _model(dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(SEED)
     c, size, _ = SHAPE
-    return build_paper_cnn(PaperCNNParams(dropout=0.0), c, size, 2, [0.5] * c, [0.25] * c)
+    return build_paper_cnn(PaperCNNParams(dropout=dropout), c, size, 2, [0.5] * c, [0.25] * c)
 
 
 def _client(cid: int) -> ClientData:
@@ -104,5 +107,24 @@ def test_three_clients(benchmark, impl):
     def stacked() -> None:
         gens = [torch.Generator().manual_seed(c) for c in range(3)]
         train_stacked(model, [start] * 3, clients, CFG, gens)
+
+    _run(benchmark, sequential if impl == "sequential" else stacked)
+
+
+@pytest.mark.parametrize("impl", ["sequential", "stacked"])
+def test_three_clients_with_dropout(benchmark, impl):
+    benchmark.group = "three clients, one local epoch each, dropout 0.25"
+    model = _model(dropout=0.25)
+    clients = [_client(c) for c in range(3)]
+    start = get_weights(model)
+
+    def sequential() -> None:
+        for c, data in enumerate(clients):
+            set_weights(model, start)
+            local_sgd(model.train(), data, CFG, torch.Generator().manual_seed(c))
+
+    def stacked() -> None:
+        gens = [torch.Generator().manual_seed(c) for c in range(3)]
+        train_stacked(model, [start] * 3, clients, CFG, gens, stacked_dropout=True)
 
     _run(benchmark, sequential if impl == "sequential" else stacked)
