@@ -469,8 +469,8 @@ def _check_against_scenario(file: str, scenario: Scenario, registry: Registry) -
         msg = f"unknown engine {scenario.engine.name!r} (known: {known})"
         problems.append(Problem(file, "engine.name", msg))
     for where, kind, spec in scenario.components():
-        comp = registry[kind].components[spec.name]
-        if comp.check is not None:
+        comp = registry[kind].components.get(spec.name)  # None: the unknown engine above
+        if comp is not None and comp.check is not None:
             params = comp.params.model_validate(spec.params)
             problems += [
                 Problem(file, f"{where}.params", msg) for msg in comp.check(params, scenario)
