@@ -152,7 +152,7 @@ def _main(argv: list[str] | None) -> int:
 
     from testbed.data import DatasetError
     from testbed.pluginmanager import PluginError, build_host
-    from testbed.scenario import ScenarioError
+    from testbed.problems import ScenarioError
 
     console = Console(stderr=True)
     try:

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 def cmd_validate(host: Host, files: list[Path], overrides: list[str], console: Console) -> int:
-    from testbed.scenario import ScenarioError, load_scenario
+    from testbed.problems import ScenarioError
+    from testbed.scenario_load import load_scenario
 
     bad = 0
     for f in files:
@@ -143,7 +144,7 @@ def cmd_search(host: Host, args: argparse.Namespace, console: Console) -> int:
     from rich.markup import escape
 
     from testbed.runner import RunError
-    from testbed.scenario import load_scenario
+    from testbed.scenario_load import load_scenario
     from testbed.search import run_search
 
     if args.trials is not None and not 1 <= args.trials <= 100_000:
@@ -193,7 +194,7 @@ def cmd_audit(host: Host, args: argparse.Namespace, console: Console) -> int:
     from rich.console import Console
 
     from testbed.audit import audit_scenario
-    from testbed.scenario import load_scenario
+    from testbed.scenario_load import load_scenario
 
     if not 10 <= args.trials <= 1_000_000:
         return _fail(console, "--trials must be between 10 and 1,000,000")

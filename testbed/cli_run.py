@@ -45,7 +45,7 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
 
     from testbed.report import render
     from testbed.runner import RunError, final_dir_of, partial_dir, run_scenario
-    from testbed.scenario import load_scenario
+    from testbed.scenario_load import load_scenario
 
     if args.resume is not None:
         if args.scenario is not None or args.out is not None:
@@ -137,8 +137,9 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     from rich.markup import escape
 
     from testbed import compare
+    from testbed.problems import ScenarioError
     from testbed.runner import RunError, run_scenario
-    from testbed.scenario import ScenarioError, load_scenario
+    from testbed.scenario_load import load_scenario
     from testbed.tracking import TrackingError
 
     scenarios, problems = [], []

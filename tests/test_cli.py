@@ -8,7 +8,7 @@ from conftest import REPO
 
 from testbed.cli import main
 from testbed.pluginmanager import build_host
-from testbed.scenario import load_scenario
+from testbed.scenario_load import load_scenario
 
 TINY = """
 [scenario]

@@ -28,7 +28,7 @@ from testbed.explain import (
 from testbed.pluginmanager import build_host
 from testbed.problems import ScenarioError
 from testbed.report_explain import chance_band, explain_tables
-from testbed.scenario import load_scenario
+from testbed.scenario_load import load_scenario
 
 # --- attribution shift, hand-computed -------------------------------------------------
 

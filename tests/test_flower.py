@@ -25,8 +25,9 @@ from testbed.cli import main
 from testbed.flower.messages import from_record, pack, to_record, unpack
 from testbed.flower.strategy import check_client_state_support
 from testbed.pluginmanager import build_host
+from testbed.problems import ScenarioError
 from testbed.runner import RunError
-from testbed.scenario import ScenarioError, load_scenario
+from testbed.scenario_load import load_scenario
 
 
 def close(a, b, path="", rel=1e-6, abs_=1e-6):

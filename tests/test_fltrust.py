@@ -18,7 +18,8 @@ from testbed.data import ImageDataset
 from testbed.federation import LocalConfig, server_step
 from testbed.pluginmanager import build_host
 from testbed.robust_extra import fltrust
-from testbed.scenario import Augment, validate_document
+from testbed.scenario import Augment
+from testbed.scenario_load import validate_document
 from testbed.server_data import RootSet, carve_root_set, make_server_data
 from testbed.state import ClientUpdate, RoundContext
 

@@ -9,7 +9,8 @@ from test_cli import TINY
 from testbed.builtins.heterogeneous import Pipeline, apply_pipeline
 from testbed.cli import main
 from testbed.pluginmanager import build_host
-from testbed.scenario import ScenarioError, load_scenario
+from testbed.problems import ScenarioError
+from testbed.scenario_load import load_scenario
 from testbed.state import InferenceBatch
 
 

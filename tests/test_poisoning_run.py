@@ -18,9 +18,10 @@ from testbed.federation import FederationState, UpdatePolicy, finish_round
 from testbed.pluginmanager import build_host
 from testbed.poisoning import alie, alie_z, min_max, min_sum
 from testbed.poisoning_run import Threat, build_threat, threat_key, threat_warnings
+from testbed.problems import ScenarioError
 from testbed.robust_extra import Screening
 from testbed.runner import RunError, make_clients
-from testbed.scenario import ScenarioError, load_scenario
+from testbed.scenario_load import load_scenario
 from testbed.state import ClientUpdate, RoundContext
 from testbed.threat import malicious_clients
 

@@ -14,7 +14,8 @@ from conftest import REPO
 
 from testbed.cli import main
 from testbed.pluginmanager import build_host
-from testbed.scenario import load_scenario
+from testbed.scenario import resolved_dict
+from testbed.scenario_load import load_scenario
 
 STUB = '#!/usr/bin/env bash\necho "$@" >> "$(dirname "$0")/calls"\n'
 
@@ -66,10 +67,15 @@ def test_an_interrupted_run_is_resumed_as_it_was_and_a_finished_one_skipped(tmp_
 
 
 @pytest.mark.realdata
-def test_every_run_of_every_step_is_a_scenario_the_cli_accepts(tmp_path, data_root):
+@pytest.mark.parametrize(
+    ("steps", "base"),
+    [("1 2 3", "scenarios/paper_baseline.toml"), ("3", "scenarios/sensitivity_cpu.toml")],
+)
+def test_every_run_of_every_step_is_a_scenario_the_cli_accepts(tmp_path, data_root, steps, base):
     """The sensitivity study's --set lists (noise multiplier, eps after normalisation from
     the measured std, chunks) are checked here, not first on a lent GPU."""
-    calls = _script(tmp_path, tmp_path / "out", STEPS="1 2 3", DATA_ROOT=str(data_root))
+    env = {"STEPS": steps, "DATA_ROOT": str(data_root), "SENSITIVITY": base}
+    calls = _script(tmp_path, tmp_path / "out", **env)
     registry = build_host().registry
     names = []
     for call in calls:
@@ -78,10 +84,27 @@ def test_every_run_of_every_step_is_a_scenario_the_cli_accepts(tmp_path, data_ro
         scenario = load_scenario(REPO / call[1], registry, sets)
         tasks = [t.name for t in scenario.task_list()]
         if "--task" in call:
-            assert call[call.index("--task") + 1] in tasks
+            assert call[1] == base and call[call.index("--task") + 1] in tasks
         names.append(call[call.index("--out") + 1].rsplit("/", 1)[1])
         if names[-1] == "eps-normalised":
             eps = {a.params["eps"] for a in scenario.attacks}
             assert len(eps) == 1 and 0.001 < eps.pop() < 0.03  # 0.03 x a std below 1
             assert len({a.params.get("eps_step") for a in scenario.attacks[1:]}) == 1
-    assert names[:2] == ["baseline", "sweeps"] and len(names) == 2 + 4 + 1 + 4
+    study = ["z-0", "z-0.0005", "z-0.005", "z-0.05", "eps-normalised"]
+    study += [f"chunks-{c}" for c in (1, 2, 5, 10)]
+    assert names == (["baseline", "sweeps"] if "1" in steps else []) + study
+
+
+def test_the_cpu_sensitivity_base_is_the_paper_baseline_at_a_smaller_schedule():
+    """Its curves stand for paper_baseline's only if nothing but the schedule differs."""
+    registry = build_host().registry
+    paper = resolved_dict(load_scenario(REPO / "scenarios/paper_baseline.toml", registry))
+    cpu = resolved_dict(load_scenario(REPO / "scenarios/sensitivity_cpu.toml", registry))
+    for doc in (paper, cpu):
+        doc.pop("scenario"), doc.pop("explain")
+        doc["tasks"] = [t for t in doc["tasks"] if t["name"] == "meningioma"]
+        for key in ("rounds", "local_epochs"):
+            doc["federation"].pop(key)
+        doc["evaluation"].pop("repeats")
+        doc["report"].pop("save_weights")
+    assert cpu == paper

@@ -7,8 +7,9 @@ import torch
 from conftest import REPO
 
 from testbed.pluginmanager import build_host
+from testbed.problems import ScenarioError
 from testbed.robust import bulyan, coordinate_median, krum, krum_scores, multi_krum, trimmed_mean
-from testbed.scenario import ScenarioError, validate_document
+from testbed.scenario_load import validate_document
 
 
 @pytest.fixture(scope="module")

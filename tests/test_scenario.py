@@ -5,7 +5,8 @@ from conftest import REPO
 
 from testbed.cli import main
 from testbed.pluginmanager import build_host
-from testbed.scenario import ScenarioError, load_scenario
+from testbed.problems import ScenarioError
+from testbed.scenario_load import load_scenario
 
 SCENARIOS = sorted((REPO / "scenarios").rglob("*.toml"))
 
@@ -132,7 +133,7 @@ def test_missing_file_is_a_user_error(tmp_path, capsys):
 
 
 def test_set_overrides_any_value_and_reports_bad_paths(tmp_path, registry):
-    from testbed.scenario import load_scenario
+    from testbed.scenario_load import load_scenario
 
     text = MINIMAL + '[[attacks]]\nname = "fgsm"\nparams = { eps = 0.03 }\n'
     path = write(tmp_path, text)

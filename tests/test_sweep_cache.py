@@ -7,7 +7,8 @@ from test_cli import TINY
 
 from testbed.cli import main
 from testbed.pluginmanager import build_host
-from testbed.scenario import ScenarioError, load_scenario
+from testbed.problems import ScenarioError
+from testbed.scenario_load import load_scenario
 
 SWEEP = """
 [[attacks]]

@@ -54,7 +54,7 @@ _site: tuple[str, Site] | None = None
 
 def _open_site(run: dict[str, Any], data_root: str | None) -> Site:
     from testbed.assemble import build_model, make_clients, per_run_objects
-    from testbed.scenario import validate_document
+    from testbed.scenario_load import validate_document
 
     torch.set_num_threads(run["threads"])
     host = build_host(extra_modules=run["modules"])

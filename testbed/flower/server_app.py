@@ -18,7 +18,7 @@ from rich.console import Console
 
 from testbed.flower.strategy import FlowerEngine
 from testbed.pluginmanager import build_host
-from testbed.scenario import load_scenario
+from testbed.scenario_load import load_scenario
 
 log = logging.getLogger("flwr")
 
@@ -29,8 +29,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from testbed.data import DatasetError
     from testbed.pluginmanager import PluginError
+    from testbed.problems import ScenarioError
     from testbed.rundir import RunError
-    from testbed.scenario import ScenarioError
 
     try:
         _run(grid, context)

@@ -12,7 +12,7 @@ import torch
 from testbed.assemble import build_model, make_clients, per_run_objects
 from testbed.explain import detector_auroc
 from testbed.pluginmanager import build_host
-from testbed.scenario import load_scenario
+from testbed.scenario_load import load_scenario
 from testbed.transfer import deploy, run_attack
 
 run = Path(sys.argv[-2])  # the run folder (saved weights needed: --set report.save_weights=true)
