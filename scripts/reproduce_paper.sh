@@ -14,7 +14,9 @@
 # Env: DATA_ROOT, DEVICE (default cuda), ENGINE (default inprocess; "batched" stacks the
 # clients where the model has no dropout), DROPOUT (with ENGINE=batched: "exact", the
 # default, or "stacked" to batch the paper CNN's dropout too: the same training in
-# distribution, not in-process numbers), BIN (default .venv/bin), STEPS ("1 2 3").
+# distribution, not in-process numbers), BIN (default .venv/bin), STEPS ("1 2 3"),
+# SENSITIVITY (step 3's base scenario, default paper_baseline.toml; on CPU,
+# scenarios/sensitivity_cpu.toml: the same at 5 rounds x 4 local epochs, one seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${BIN:-.venv/bin}")
@@ -25,6 +27,7 @@ ENGINE=${ENGINE:-inprocess}
 ENGINE_SETS=(--set "engine.name=$ENGINE")
 [[ -n "${DROPOUT:-}" ]] && ENGINE_SETS+=(--set "engine.params.dropout=$DROPOUT")
 STEPS=${STEPS:-1 2 3}
+SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 
 # Expected time, before anything runs. Measured: one paper_baseline round takes 3.5 s on
 # an H200 in-process (docs/RESULTS.md), so a task-seed at 50 rounds takes ~3 min plus
@@ -33,7 +36,8 @@ cat <<EOF
 reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, data $DATA_ROOT, output $OUT
 expected on one H200: step 1 ~35 min (3 tasks x 3 seeds), step 2 ~30 min, step 3 ~60 min
 (12 settings x 3 seeds on meningioma); on 2 CPU cores: days. Not yet measured end to end
-on a GPU (docs/RESULTS.md says which parts have been).
+on a GPU (docs/RESULTS.md says which parts have been). Step 3 with
+SENSITIVITY=scenarios/sensitivity_cpu.toml: ~15 min per setting on 2 CPU cores.
 EOF
 
 run() {  # run NAME SCENARIO [testbed run args...]
@@ -58,7 +62,7 @@ for step in $STEPS; do
     2) run sweeps scenarios/paper_sweeps.toml ;;
     3)
       for z in 0 0.0005 0.005 0.05; do
-        run "z-$z" scenarios/paper_baseline.toml "${MEN[@]}" --set "dp.params.noise_multiplier=$z"
+        run "z-$z" "$SENSITIVITY" "${MEN[@]}" --set "dp.params.noise_multiplier=$z"
       done
       # eps after normalisation: the paper's 0.03 times the meningioma images' std
       STD=$("$BIN/python" - "$DATA_ROOT" <<'PY'
@@ -78,9 +82,9 @@ PY
       for i in 1 2 3; do
         SETS+=(--set "attacks.$i.params.eps=$EPS" --set "attacks.$i.params.eps_step=$STEP")
       done
-      run eps-normalised scenarios/paper_baseline.toml "${MEN[@]}" "${SETS[@]}"
+      run eps-normalised "$SENSITIVITY" "${MEN[@]}" "${SETS[@]}"
       for chunks in 1 2 5 10; do
-        run "chunks-$chunks" scenarios/paper_baseline.toml "${MEN[@]}" \
+        run "chunks-$chunks" "$SENSITIVITY" "${MEN[@]}" \
           --set "partition.params.chunks_per_client=$chunks"
       done
       ;;
