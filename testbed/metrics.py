@@ -57,6 +57,19 @@ def transfer_summary(
     }
 
 
+def client_model_spread(weights: Sequence[torch.Tensor]) -> dict[str, float]:
+    """How far apart the deployed client models are: the mean L2 distance over client
+    pairs, and the mean L2 norm of a model for scale. Per-client downlink noise is what
+    separates them under FedAvg, and transfer (AETR) falls as they drift apart."""
+    w = torch.stack([t.detach().double().flatten() for t in weights])
+    k = len(w)
+    pairs = [float((w[i] - w[j]).norm()) for i in range(k) for j in range(i + 1, k)]
+    return {
+        "distance_mean": mean(pairs) if pairs else 0.0,
+        "norm_mean": float(w.norm(dim=1).mean()),
+    }
+
+
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 

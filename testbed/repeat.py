@@ -33,6 +33,7 @@ from testbed.federation import (
     get_weights,
     set_weights,
 )
+from testbed.metrics import client_model_spread
 from testbed.outsider import run_outsider
 from testbed.pluginmanager import Host
 from testbed.poisoning_run import build_threat, poisoning_metrics, threat_key, threat_warnings
@@ -336,6 +337,9 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
         ],
         "acc": acc,
         "acc_mean": sum(acc.values()) / len(acc),
+        "client_models": client_model_spread(
+            [state.client_weights[cid] for cid in range(fed.clients)]
+        ),
         "attacks": {spec.label: attacks[spec.label] for spec in scenario.attacks},
         # robust accuracy over the attacks and Carlini et al.'s sanity checks
         "robustness": evaluate_repeat(

@@ -60,6 +60,10 @@ def test_quickstart_end_to_end(tmp_path):
     assert len(task["repeats"]) == 3 and metrics["seeds"] == [0, 1, 2]
     # clean accuracy well above chance (two balanced classes)
     assert task["summary"]["acc_mean"]["mean"] > 0.75
+    # per-client downlink noise (z = 0.005) leaves the deployed client models apart
+    spread = task["repeats"][0]["client_models"]
+    assert 0 < spread["distance_mean"] < spread["norm_mean"]
+    assert task["summary"]["client_distance"]["mean"] > 0
     for label in ("FGSM", "PGD-10"):
         summary = task["summary"]["attacks"][label]
         assert 0 < summary["aasr"]["mean"] <= 1

@@ -6,6 +6,7 @@ import torch
 from testbed.metrics import (
     accuracy,
     attack_success_rate,
+    client_model_spread,
     error_transfer_rate,
     mean_std,
     transfer_summary,
@@ -58,3 +59,12 @@ def test_true_label_asr_counts_only_images_the_model_got_right():
     # the paper's ASR counts every change, including wrong -> right (image 1) and 4
     assert attack_success_rate(clean, adv) == pytest.approx(4 / 5)
     assert math.isnan(true_label_asr(y, 1 - y, y))  # nothing right: no support
+
+
+def test_client_model_spread_on_hand_computed_weights():
+    # (0,0), (3,4), (0,8): distances 5, 8, sqrt(9 + 16) = 5; norms 0, 5, 8
+    w = [torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0]), torch.tensor([0.0, 8.0])]
+    spread = client_model_spread(w)
+    assert spread["distance_mean"] == pytest.approx(6.0)
+    assert spread["norm_mean"] == pytest.approx(13 / 3)
+    assert client_model_spread(w[:1]) == {"distance_mean": 0.0, "norm_mean": 0.0}
