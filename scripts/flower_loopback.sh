@@ -21,7 +21,8 @@ TIMEOUT_S=${TIMEOUT_S:-1800}
 SITES=$("$BIN/python" -c "
 import sys
 from testbed.pluginmanager import build_host
-from testbed.scenario import ScenarioError, load_scenario
+from testbed.problems import ScenarioError
+from testbed.scenario_load import load_scenario
 overrides = [s for s in sys.argv[2].split(';') if s]
 try:
     print(load_scenario(sys.argv[1], build_host().registry, overrides).federation.clients)
