@@ -7,9 +7,10 @@
 #    all three tasks, 3 seeds: Tables I/II with mean and 95% CI (`testbed report`).
 # 2. paper_sweeps.toml on the real data: Fig. 2 (eps) and Fig. 3 (clients).
 # 3. Sensitivity over what the paper leaves open, on the meningioma task, 3 seeds each:
-#    the downlink noise multiplier z, eps on [0, 1] pixels versus after normalisation
-#    (eps x the data's std), and the number of non-IID chunks per client. Every run also
-#    reports ASR against the true label beside the paper's (against the clean prediction).
+#    the downlink noise multiplier z, each with eps on [0, 1] pixels and after
+#    normalisation (eps x the data's std), and the number of non-IID chunks per client.
+#    Every run also reports ASR against the true label beside the paper's (against the
+#    clean prediction), and how far apart the deployed client models are.
 #
 # Env: DATA_ROOT, DEVICE (default cuda), ENGINE (default inprocess; "batched" stacks the
 # clients where the model has no dropout), DROPOUT (with ENGINE=batched: "exact", the
@@ -34,10 +35,11 @@ SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 # ~1 min of attacks; on 2 CPU cores ~6 h per task-seed (../shared/reference/BASELINES.md).
 cat <<EOF
 reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, data $DATA_ROOT, output $OUT
-expected on one H200: step 1 ~35 min (3 tasks x 3 seeds), step 2 ~30 min, step 3 ~60 min
-(12 settings x 3 seeds on meningioma); on 2 CPU cores: days. Not yet measured end to end
-on a GPU (docs/RESULTS.md says which parts have been). Step 3 with
-SENSITIVITY=scenarios/sensitivity_cpu.toml: ~15 min per setting on 2 CPU cores.
+expected on one H200: step 1 ~35 min (3 tasks x 3 seeds), step 2 ~30 min, step 3 ~2 h
+(14 settings x 3 seeds on meningioma; 8 train, 6 attack a cached federation); on 2 CPU
+cores: days. Not yet measured end to end on a GPU (docs/RESULTS.md says which parts have
+been). Step 3 with SENSITIVITY=scenarios/sensitivity_cpu.toml on 2 CPU cores (measured):
+~13 min per trained setting, ~7 min per cached one, about 2.5 h in all.
 EOF
 
 run() {  # run NAME SCENARIO [testbed run args...]
@@ -61,9 +63,6 @@ for step in $STEPS; do
     1) run baseline scenarios/paper_baseline.toml ;;
     2) run sweeps scenarios/paper_sweeps.toml ;;
     3)
-      for z in 0 0.0005 0.005 0.05; do
-        run "z-$z" "$SENSITIVITY" "${MEN[@]}" --set "dp.params.noise_multiplier=$z"
-      done
       # eps after normalisation: the paper's 0.03 times the meningioma images' std
       STD=$("$BIN/python" - "$DATA_ROOT" <<'PY'
 import sys
@@ -82,7 +81,12 @@ PY
       for i in 1 2 3; do
         SETS+=(--set "attacks.$i.params.eps=$EPS" --set "attacks.$i.params.eps_step=$STEP")
       done
-      run eps-normalised "$SENSITIVITY" "${MEN[@]}" "${SETS[@]}"
+      # both eps readings at every z: the second run of a pair trains nothing (the cache)
+      for z in 0 0.0005 0.002 0.005 0.05; do
+        run "z-$z" "$SENSITIVITY" "${MEN[@]}" --set "dp.params.noise_multiplier=$z"
+        run "z-$z-eps-normalised" "$SENSITIVITY" "${MEN[@]}" \
+          --set "dp.params.noise_multiplier=$z" "${SETS[@]}"
+      done
       for chunks in 1 2 5 10; do
         run "chunks-$chunks" "$SENSITIVITY" "${MEN[@]}" \
           --set "partition.params.chunks_per_client=$chunks"

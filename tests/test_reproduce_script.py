@@ -86,11 +86,17 @@ def test_every_run_of_every_step_is_a_scenario_the_cli_accepts(tmp_path, data_ro
         if "--task" in call:
             assert call[1] == base and call[call.index("--task") + 1] in tasks
         names.append(call[call.index("--out") + 1].rsplit("/", 1)[1])
-        if names[-1] == "eps-normalised":
+        if names[-1].startswith("z-"):
+            assert scenario.dp.params["noise_multiplier"] == float(names[-1].split("-")[1])
+        if names[-1].endswith("eps-normalised"):
             eps = {a.params["eps"] for a in scenario.attacks}
             assert len(eps) == 1 and 0.001 < eps.pop() < 0.03  # 0.03 x a std below 1
             assert len({a.params.get("eps_step") for a in scenario.attacks[1:]}) == 1
-    study = ["z-0", "z-0.0005", "z-0.005", "z-0.05", "eps-normalised"]
+    study = [
+        name
+        for z in ("0", "0.0005", "0.002", "0.005", "0.05")
+        for name in (f"z-{z}", f"z-{z}-eps-normalised")
+    ]
     study += [f"chunks-{c}" for c in (1, 2, 5, 10)]
     assert names == (["baseline", "sweeps"] if "1" in steps else []) + study
 
