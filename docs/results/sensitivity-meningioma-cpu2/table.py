@@ -2,7 +2,10 @@
 beside the paper's meningioma figures (SPEC.md, Tables I/II), and which setting and ASR
 variant come within 10 points of all four of them.
 
-    python docs/results/sensitivity-meningioma-cpu2/table.py OUT > sensitivity.md
+    python docs/results/sensitivity-meningioma-cpu2/table.py OUT
+
+OUT is the script's output folder (one run folder per setting) or a folder of the runs'
+metrics.json saved as <setting>.json, as next to this file.
 """
 
 from __future__ import annotations
@@ -44,6 +47,19 @@ def _row(name: str, rep: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
     return cells, ours
 
 
+def _order(name: str) -> tuple[bool, str, float, bool]:
+    """z-0.002-eps-normalised -> (False, "z", 0.002, True): the study's order."""
+    kind, _, rest = name.partition("-")
+    value, _, tail = rest.partition("-")
+    return kind != "z", kind, float(value), bool(tail)
+
+
+def _records(out: Path) -> list[tuple[str, Path]]:
+    runs = [(p.parent.name, p) for p in out.glob("*/metrics.json")]
+    runs += [(p.stem, p) for p in out.glob("*.json")]
+    return sorted(runs, key=lambda r: _order(r[0]))
+
+
 def main(out: Path) -> None:
     head = [
         "setting", "ACC", "client dist. / norm", "FGSM AASR pred / true",
@@ -53,19 +69,16 @@ def main(out: Path) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     gaps = []
-    for run in sorted(out.iterdir(), key=lambda p: p.stat().st_mtime):
-        metrics = run / "metrics.json"
-        if not metrics.exists():
-            continue
+    for name, metrics in _records(out):
         (task,) = json.loads(metrics.read_text())["tasks"].values()
         for rep in task["repeats"]:
-            cells, ours = _row(f"{run.name} (seed {rep['seed']})", rep)
+            cells, ours = _row(f"{name} (seed {rep['seed']})", rep)
             print("| " + " | ".join(cells) + " |")
             for variant, vals in ours.items():
                 diffs = [abs(vals[k] - PAPER[k]) for k in PAPER]
                 if not any(math.isnan(d) for d in diffs):  # runs older than the variant
                     gap = max(diffs)
-                    gaps.append((gap, f"{run.name} seed {rep['seed']}, ASR {variant}"))
+                    gaps.append((gap, f"{name} seed {rep['seed']}, ASR {variant}"))
     paper = ["paper (Tables I/II)", "84.1", "-", "- / -", "- / -", "27.5 (AASR)", "33.0 (AASR)"]
     print("| " + " | ".join([*paper, "84.8", "83.7"]) + " |")
     print()
