@@ -62,10 +62,9 @@ def client_model_spread(weights: Sequence[torch.Tensor]) -> dict[str, float]:
     pairs, and the mean L2 norm of a model for scale. Per-client downlink noise is what
     separates them under FedAvg, and transfer (AETR) falls as they drift apart."""
     w = torch.stack([t.detach().double().flatten() for t in weights])
-    k = len(w)
-    pairs = [float((w[i] - w[j]).norm()) for i in range(k) for j in range(i + 1, k)]
+    pairs = torch.pdist(w)  # the k(k-1)/2 pairwise L2 distances
     return {
-        "distance_mean": mean(pairs) if pairs else 0.0,
+        "distance_mean": float(pairs.mean()) if pairs.numel() else 0.0,
         "norm_mean": float(w.norm(dim=1).mean()),
     }
 
