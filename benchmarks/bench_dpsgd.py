@@ -36,7 +36,7 @@ import torch
 
 from testbed.builtins.dpsgd import DPSGD, DPSGDParams
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
-from testbed.federation import ClientData, LocalConfig, local_sgd, seeded
+from testbed.local_training import ClientData, LocalConfig, local_sgd, seeded
 from testbed.scenario import Augment
 from testbed.state import RoundContext
 
@@ -87,7 +87,7 @@ def workload() -> Iterator[tuple[ClientData, torch.nn.Module]]:
 
 
 def _plain_epoch(data: ClientData, model: torch.nn.Module) -> Callable[[], float]:
-    """testbed.federation.client_step's default path."""
+    """testbed.local_training.client_step's default path."""
 
     def run() -> float:
         m = copy.deepcopy(model)

@@ -6,7 +6,7 @@ Run:  OMP_NUM_THREADS=2 pytest benchmarks/test_engine_step.py --benchmark-enable
         --benchmark-json=F    (BENCH_QUICK=1: tiny shapes for a smoke run)
 
 - "bare": SGD over the client's batches with nothing else (the floor).
-- "inprocess": `testbed.federation.client_step`, the in-process engine's step for one
+- "inprocess": `testbed.local_training.client_step`, the in-process engine's step for one
   client (weights in, generator, hooks, local_sgd, update out).
 - "stacked" vs "sequential": three clients' local training by the batched engine
   (`testbed.batched.train_stacked`) and by three `local_sgd` calls.
@@ -25,7 +25,7 @@ from workloads import QUICK, ROUNDS, SEED, WARMUP
 
 from testbed.batched import train_stacked
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
-from testbed.federation import (
+from testbed.local_training import (
     ClientData,
     LocalConfig,
     client_step,

@@ -9,7 +9,7 @@ import torch
 
 from testbed.builtins.partitioners import split_train_test
 from testbed.data import ImageDataset
-from testbed.federation import ClientData, LocalConfig, seeded
+from testbed.local_training import ClientData, LocalConfig, seeded
 from testbed.pluginmanager import Host
 from testbed.poisoning_run import build_threat
 from testbed.rundir import RunError

@@ -39,7 +39,7 @@ import torch
 from scipy.stats import beta
 from torch import nn
 
-from testbed.federation import ClientData, LocalConfig, get_weights
+from testbed.local_training import ClientData, LocalConfig, get_weights
 from testbed.scenario import Augment
 from testbed.state import RoundContext
 

@@ -36,16 +36,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from testbed.data import augment
-from testbed.federation import (
-    ClientData,
-    FederationState,
-    LocalConfig,
-    client_step,
-    finish_round,
-    round_context,
-    seeded,
-    set_weights,
-)
+from testbed.federation import FederationState, finish_round, round_context
+from testbed.local_training import ClientData, LocalConfig, client_step, seeded, set_weights
 from testbed.state import ClientUpdate, RoundContext, derive_seed
 
 

@@ -16,14 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from testbed.federation import (
-    Aggregator,
-    ClientData,
-    FederationState,
-    LocalConfig,
-    UpdatePolicy,
-    run_round,
-)
+from testbed.federation import Aggregator, FederationState, UpdatePolicy, run_round
+from testbed.local_training import ClientData, LocalConfig
 from testbed.pluginmanager import Host
 from testbed.scenario import Scenario, Task
 

@@ -20,7 +20,7 @@ from testbed import hookspec
 if TYPE_CHECKING:
     from torch import Generator, nn
 
-    from testbed.federation import ClientData, LocalConfig
+    from testbed.local_training import ClientData, LocalConfig
     from testbed.registry import KindRegistry
     from testbed.state import Aggregate, Broadcast, ClientUpdate, InferenceBatch, RoundContext
 

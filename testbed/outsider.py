@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from testbed.federation import ClientData, LocalConfig, local_sgd
+from testbed.local_training import ClientData, LocalConfig, local_sgd
 from testbed.state import generator
 from testbed.transfer import Deployed, deploy, run_attack
 

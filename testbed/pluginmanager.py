@@ -204,3 +204,8 @@ def collect_registry(pm: pluggy.PluginManager) -> Registry:
                     f"plugin {impl.plugin_name!r} failed in testbed_register_{kind}: {exc}"
                 ) from exc
     return registry
+
+
+def implementers_text(hooks: Any, name: str) -> str:
+    """The plugin(s) implementing hook ``name``, for one-line error messages."""
+    return " or ".join(repr(n) for n in hooks.implementers(name)) or "?"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from testbed.federation import ClientData
+from testbed.local_training import ClientData
 from testbed.metrics import mean_std
 from testbed.pluginmanager import Host
 from testbed.rundir import RunError

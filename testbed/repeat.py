@@ -25,14 +25,8 @@ from testbed.cache import BadEntry, FederationCache, check_entry, training_key
 from testbed.data import ImageDataset
 from testbed.engines import Engine, TrainingSetup
 from testbed.explain import explain_for_run
-from testbed.federation import (
-    ClientData,
-    FederationState,
-    LocalConfig,
-    UpdatePolicy,
-    get_weights,
-    set_weights,
-)
+from testbed.federation import FederationState, UpdatePolicy
+from testbed.local_training import ClientData, LocalConfig, get_weights, set_weights
 from testbed.metrics import client_model_spread
 from testbed.outsider import run_outsider
 from testbed.pluginmanager import Host

@@ -35,7 +35,7 @@ from rich.console import Console
 from testbed.assemble import build_model, make_clients, per_run_objects
 from testbed.builtins.dataset_cache import cache_dir
 from testbed.cache import BadEntry, FederationCache
-from testbed.federation import set_weights
+from testbed.local_training import set_weights
 from testbed.perceptibility import pool_perceptibility
 from testbed.pluginmanager import Host
 from testbed.progress import make_progress

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from testbed.federation import (
+from testbed.local_training import (
     ClientData,
     LocalConfig,
     get_weights,

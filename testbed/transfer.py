@@ -17,7 +17,7 @@ from art.estimators.classification.classifier import ClassGradientsMixin
 from art.estimators.estimator import LossGradientsMixin
 from torch import nn
 
-from testbed.federation import ClientData, seeded
+from testbed.local_training import ClientData, seeded
 from testbed.metrics import (
     HEALTHY_MARKERS,
     accuracy,

@@ -7,7 +7,7 @@ from test_cli import TINY
 from test_federation import CFG, ctx, data, tiny_model
 
 from testbed.cli import main
-from testbed.federation import get_weights
+from testbed.local_training import get_weights
 from testbed.pluginmanager import build_host
 
 

@@ -13,7 +13,7 @@ import testbed.batched
 from testbed.batched import train_stacked
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
 from testbed.cli import main
-from testbed.federation import (
+from testbed.local_training import (
     ClientData,
     LocalConfig,
     get_weights,

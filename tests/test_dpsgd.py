@@ -18,7 +18,7 @@ from testbed import hookimpl
 from testbed.builtins.dpsgd import DPSGD, DPSGDParams
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
 from testbed.cli import main
-from testbed.federation import ClientData, LocalConfig, get_weights, seeded, set_weights
+from testbed.local_training import ClientData, LocalConfig, get_weights, seeded, set_weights
 from testbed.pluginmanager import build_host
 from testbed.scenario import Augment
 from testbed.state import RoundContext, derive_seed
@@ -71,7 +71,7 @@ def ctx(rnd: int = 1, rounds: int = 3, n: int = 1, seed: int = 0) -> RoundContex
 def train(
     mech: DPSGD, model: nn.Module, c: RoundContext, d: ClientData, cfg: LocalConfig = CFG
 ) -> float:
-    """As testbed.federation.client_step calls the hook."""
+    """As testbed.local_training.client_step calls the hook."""
     model.train()
     with seeded(derive_seed(c.seed, c.round, "dropout", d.client_id), torch.device("cpu")):
         return mech.testbed_local_training(

@@ -2,14 +2,8 @@ import torch
 
 from testbed import hookimpl
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
-from testbed.federation import (
-    ClientData,
-    LocalConfig,
-    client_step,
-    get_weights,
-    sample_clients,
-    server_step,
-)
+from testbed.federation import sample_clients, server_step
+from testbed.local_training import ClientData, LocalConfig, client_step, get_weights
 from testbed.pluginmanager import build_host
 from testbed.scenario import Augment
 from testbed.state import ClientUpdate, RoundContext

@@ -15,7 +15,8 @@ from testbed.builtins.screening_aggregators import FLTrust
 from testbed.cache import training_key
 from testbed.cli import main
 from testbed.data import ImageDataset
-from testbed.federation import LocalConfig, server_step
+from testbed.federation import server_step
+from testbed.local_training import LocalConfig
 from testbed.pluginmanager import build_host
 from testbed.robust_extra import fltrust
 from testbed.scenario import Augment

@@ -9,7 +9,8 @@ from opacus.accountants import RDPAccountant
 from pydantic import ValidationError
 
 from testbed.builtins.server_defences import CentralDP, CentralDPParams
-from testbed.federation import ClientData, FederationState, round_context, sample_clients
+from testbed.federation import FederationState, round_context, sample_clients
+from testbed.local_training import ClientData
 from testbed.privacy import cumulative_mu, fixed_denominator, gaussian_delta, gaussian_epsilon
 from testbed.scenario import Federation
 from testbed.state import Aggregate, RoundContext

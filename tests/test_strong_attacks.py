@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
-from testbed.federation import ClientData
+from testbed.local_training import ClientData
 from testbed.pluginmanager import build_host
 from testbed.scenario import Attack
 from testbed.transfer import deploy, numpy_seeded, run_attack, target_problem

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from testbed import hookimpl
-from testbed.federation import ClientData, LocalConfig
+from testbed.local_training import ClientData, LocalConfig
 from testbed.registry import KindRegistry, Params
 from testbed.state import RoundContext, derive_seed
 from testbed.transfer import numpy_seeded

@@ -46,7 +46,7 @@ from testbed import hookimpl
 from testbed.builtins.dpsgd_accounting import DPSGDAccounting, _opacus_rate
 from testbed.builtins.dpsgd_steps import Step, _lean_ghost_step, _opacus_step
 from testbed.data import augment
-from testbed.federation import ClientData, LocalConfig
+from testbed.local_training import ClientData, LocalConfig
 from testbed.registry import KindRegistry, Params
 from testbed.state import RoundContext
 

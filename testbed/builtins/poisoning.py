@@ -27,7 +27,7 @@ from testbed.data_poisoning import (
     flip_all_labels,
     flip_source_to_target,
 )
-from testbed.federation import ClientData, LocalConfig, local_sgd, seeded
+from testbed.local_training import ClientData, LocalConfig, local_sgd, seeded
 from testbed.poisoning import (
     ALIEParams,
     GaussianParams,

@@ -20,7 +20,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from testbed.federation import ClientData, LocalConfig, client_step
 from testbed.flower.messages import (
     TRAIN_CONFIG,
     client_states,
@@ -30,6 +29,7 @@ from testbed.flower.messages import (
     to_record,
     unpack,
 )
+from testbed.local_training import ClientData, LocalConfig, client_step
 from testbed.pluginmanager import Host, build_host
 from testbed.state import RoundContext
 
