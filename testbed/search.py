@@ -4,9 +4,9 @@ An Optuna study tunes the hyperparameters of one `[[attacks]]` entry (the scenar
 `[search]` table, testbed/search_config.py) to maximise the benign models' ASR (or the
 adversary's own), on the federation of the scenario's first seed. Design:
 
-- The federation is the cached one: a run of the scenario with no attacks trains it or,
-  usually, finds it in the federation cache; its metrics name the cache key, and the
-  weights are loaded from that entry. The search never trains a federation of its own.
+- The federation is the cached one (testbed/cached_federation.py): a run of the scenario
+  with no attacks trains it or, usually, finds it in the federation cache. The search
+  never trains a federation of its own.
 - Single objective, constrained: each trial states its perceptibility constraints with
   `Trial.set_constraint` (SSIM and L-inf), so Optuna's TPE sampler models feasibility and
   `study.best_trial` is the best feasible trial (no penalty folded into the objective).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,23 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from pydantic import ValidationError
 from rich.console import Console
 
-from testbed.assemble import build_model, make_clients, per_run_objects
-from testbed.builtins.dataset_cache import cache_dir
-from testbed.cache import BadEntry, FederationCache
-from testbed.local_training import set_weights
+from testbed.assemble import per_run_objects
+from testbed.cached_federation import load_federation
 from testbed.perceptibility import pool_perceptibility
 from testbed.pluginmanager import Host
 from testbed.progress import make_progress
 from testbed.rundir import RunError, safe_name
-from testbed.runner import adversaries_of, resolve_device, run_scenario
-from testbed.scenario import Attack, Evaluation, Scenario
+from testbed.runner import adversaries_of
+from testbed.scenario import Attack, Scenario
 from testbed.search_config import ParamRange, Search
 from testbed.search_output import attack_toml, pareto_figure
-from testbed.transfer import deploy, run_attack
+from testbed.transfer import run_attack
 
 # float32 pixels: PGD's perturbation at exactly eps reads back a few ulps above it
 LINF_TOLERANCE = 1e-6
@@ -108,60 +104,6 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamRange]) -> dict[str, Any]
         if r.relative_to is not None:
             out[name] = out[name] * out[r.relative_to]
     return out
-
-
-@dataclass
-class Federation:
-    """The deployed models and client data of one (task, seed), from the cache."""
-
-    deployed: list[Any]
-    clients: list[Any]
-    classes: tuple[str, ...]
-    seed: int
-    device: torch.device
-    cache_hit: bool
-    key: str
-    """The federation cache key: which trained federation the study's trials scored."""
-
-
-def load_federation(
-    scenario: Scenario, host: Host, task_name: str, data_root: Path | None
-) -> Federation:
-    """Train (or find in the cache) the federation of the first seed through the runner
-    with no attacks, then load the cache entry its metrics name."""
-    seed = scenario.seeds()[0]
-    task = next(t for t in scenario.task_list() if t.name == task_name)
-    bare = scenario.model_copy(
-        update={
-            "attacks": [],
-            "outsider": None,
-            "evaluation": Evaluation(repeats=1, seeds=[seed]),
-            "report": scenario.report.model_copy(update={"plots": False, "save_weights": False}),
-            "data": task.data if scenario.data is not None else None,
-            "tasks": [] if scenario.data is not None else [task],
-        }
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = run_scenario(
-            bare, host, data_root=data_root, out=Path(tmp) / "run", show_progress=False
-        ).metrics
-    cache = metrics["tasks"][task_name]["repeats"][0]["cache"]
-    try:
-        entry = FederationCache(cache_dir() / "federations").load(cache["key"])
-    except BadEntry as exc:
-        raise RunError(f"federation cache entry {cache['key']}: {exc}") from None
-    if entry is None:
-        raise RunError(f"federation cache entry {cache['key']} vanished after training")
-    device = resolve_device(scenario.federation.device)
-    ds = host.registry.build("datasets", task.data.name, task.data.params, data_root=data_root)
-    finals = []
-    for cid in range(scenario.federation.clients):
-        m = build_model(scenario, host, ds, seed).to(device)
-        set_weights(m, entry["clients"][cid].to(device))
-        finals.append(m)
-    clients = make_clients(ds, scenario, host, seed, device)
-    classes = tuple(ds.classes)
-    return Federation(deploy(finals), clients, classes, seed, device, cache["hit"], cache["key"])
 
 
 def default_storage(scenario: Scenario) -> str:
