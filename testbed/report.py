@@ -231,11 +231,11 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
     acc, p20, p40, t20, t40 = TABLE_I[name]
     aetr_fgsm, aetr_pgd = TABLE_II[name]
 
-    def stat(label: str | None, key: str) -> float:
-        return _num(summ["attacks"][label][key]["mean"]) if label else math.nan
+    def stat(label: str | None, key: str) -> dict[str, Any]:
+        return summ["attacks"][label][key] if label else {}
 
     rows = [
-        ("ACC", _num(summ["acc_mean"]["mean"]), acc, True),
+        ("ACC", summ["acc_mean"], acc, True),
         ("AASR PGD-20", stat(labels["PGD-20"], "aasr"), p20, True),
         ("AASR PGD-40", stat(labels["PGD-40"], "aasr"), p40, True),
         ("s / PGD-20 batch", stat(labels["PGD-20"], "cost_s"), t20, False),
@@ -243,14 +243,34 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
         ("AETR FGSM", stat(labels["FGSM"], "aetr"), aetr_fgsm, True),
         ("AETR PGD-20", stat(labels["PGD-20"], "aetr"), aetr_pgd, True),
     ]
-    t = TableData(f"{title}: Tables I and II beside the paper", ["metric", "ours", "paper", "diff"])
-    for metric, ours, theirs, is_rate in rows:
-        if is_rate:
-            diff = "n/a" if math.isnan(ours) else f"{100 * (ours - theirs):+.2f} pp"
-            t.rows.append([metric, pct(ours), pct(theirs), diff])
-        else:
+    t = TableData(
+        f"{title}: Tables I and II beside the paper",
+        ["metric", "ours", "95% CI", "paper", "diff"],
+    )
+    inside = []
+    for metric, st, theirs, is_rate in rows:
+        ours = _num(st.get("mean"))
+        if not is_rate:  # seconds: hardware-bound, no interval over seeds
             diff = "n/a" if math.isnan(ours) else f"x{ours / theirs:.3g}"
-            t.rows.append([metric, "n/a" if math.isnan(ours) else f"{ours:.3f}", f"{theirs}", diff])
+            cells = ["n/a" if math.isnan(ours) else f"{ours:.3f}", "-", f"{theirs}", diff]
+            t.rows.append([metric, *cells])
+            continue
+        diff = "n/a" if math.isnan(ours) else f"{100 * (ours - theirs):+.2f} pp"
+        ci = "-"
+        if st.get("ci95") is not None:
+            lo, hi = ours - _num(st["ci95"]), ours + _num(st["ci95"])
+            ci = f"{100 * lo:.2f}-{100 * hi:.2f}%"
+            if lo <= theirs <= hi:
+                inside.append(metric)
+        t.rows.append([metric, pct(ours), ci, pct(theirs), diff])
+    n = _num(summ["acc_mean"].get("n"))
+    if n > 1:
+        t.notes.append(
+            f"95% CI: Student's t over {n:.0f} seeds; the paper's value lies inside it for "
+            + (", ".join(inside) or "none")
+        )
+    else:
+        t.notes.append("95% CI: needs two seeds or more")
     t.notes.append("paper: Darzi et al., Tables I-II (mean of 3 runs; its hardware not stated)")
     return [t]
 

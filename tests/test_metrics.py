@@ -46,9 +46,19 @@ def test_transfer_summary_splits_own_and_benign():
 
 
 def test_mean_std_sample_std_and_single_value():
-    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
-    assert mean_std([5.0])["std"] == 0.0
+    two = mean_std([1.0, 3.0])
+    assert {k: two[k] for k in ("mean", "std", "n")} == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
+    assert mean_std([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}  # no interval from one seed
     assert mean_std([math.nan])["n"] == 0
+
+
+def test_mean_std_95_percent_interval_by_hand():
+    # [1, 3]: sd sqrt(2), standard error sqrt(2)/sqrt(2) = 1, t(0.975, 1 df) = 12.7062
+    assert mean_std([1.0, 3.0])["ci95"] == pytest.approx(12.7062, abs=1e-4)
+    # [1, 2, 3]: sd 1, standard error 1/sqrt(3), t(0.975, 2 df) = 4.3027 -> 2.4842
+    assert mean_std([1.0, 2.0, 3.0])["ci95"] == pytest.approx(2.4842, abs=1e-4)
+    # NaNs are dropped before counting: the interval of [2, 4] (2 df -> 1 df)
+    assert mean_std([2.0, math.nan, 4.0])["ci95"] == pytest.approx(12.7062, abs=1e-4)
 
 
 def test_true_label_asr_counts_only_images_the_model_got_right():

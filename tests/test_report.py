@@ -91,3 +91,32 @@ def test_many_clients_report_the_spread_not_one_column_each(tmp_path):
     assert "client 9" not in report
     values = [rep["acc"][str(c)] for c in range(10)]
     assert f"{100 * min(values):.2f}%" in report
+
+
+def test_paper_table_gives_the_95_percent_interval_over_seeds():
+    """Three seeds: ACC [0.80, 0.81, 0.82] has sd 0.01, so the interval is 0.81 +- 4.3027 x
+    0.01 / sqrt(3) = 0.81 +- 0.02484: 78.52-83.48%, which misses the paper's 84.12%. PGD-20
+    AASR [0.26, 0.28, 0.30] (sd 0.02): 0.28 +- 0.04968 = 23.03-32.97%, which holds 27.52%."""
+    from testbed.metrics import mean_std
+    from testbed.report import paper_tables
+
+    attacks = {
+        "PGD-20": {"attack": "pgd", "params": {"eps": 0.03, "eps_step": 0.007, "max_iter": 20}}
+    }
+    stats = {"aasr": mean_std([0.26, 0.28, 0.30]), "aetr": mean_std([0.9, 0.9, 0.9])}
+    task = {
+        "repeats": [{"attacks": attacks}],
+        "summary": {
+            "acc_mean": mean_std([0.80, 0.81, 0.82]),
+            "attacks": {"PGD-20": {**stats, "cost_s": mean_std([1.0, 1.0, 1.0])}},
+        },
+    }
+    (table,) = paper_tables("t", "meningioma", task)
+    rows = {r[0]: r for r in table.rows}
+    assert rows["ACC"][1:3] == ["81.00%", "78.52-83.48%"]
+    assert rows["AASR PGD-20"][1:3] == ["28.00%", "23.03-32.97%"]
+    assert rows["AASR PGD-40"][2] == "-"  # no such attack in the run
+    assert "over 3 seeds; the paper's value lies inside it for AASR PGD-20" in table.notes[0]
+    one = {**task, "summary": {**task["summary"], "acc_mean": mean_std([0.81])}}
+    (single,) = paper_tables("t", "meningioma", one)
+    assert [r[2] for r in single.rows][0] == "-" and "needs two seeds" in single.notes[0]
