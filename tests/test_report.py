@@ -119,4 +119,4 @@ def test_paper_table_gives_the_95_percent_interval_over_seeds():
     assert "over 3 seeds; the paper's value lies inside it for AASR PGD-20" in table.notes[0]
     one = {**task, "summary": {**task["summary"], "acc_mean": mean_std([0.81])}}
     (single,) = paper_tables("t", "meningioma", one)
-    assert [r[2] for r in single.rows][0] == "-" and "needs two seeds" in single.notes[0]
+    assert single.rows[0][2] == "-" and "needs two seeds" in single.notes[0]
