@@ -117,6 +117,16 @@ def test_paper_table_gives_the_95_percent_interval_over_seeds():
     assert rows["AASR PGD-20"][1:3] == ["28.00%", "23.03-32.97%"]
     assert rows["AASR PGD-40"][2] == "-"  # no such attack in the run
     assert "over 3 seeds; the paper's value lies inside it for AASR PGD-20" in table.notes[0]
-    one = {**task, "summary": {**task["summary"], "acc_mean": mean_std([0.81])}}
+    seed = {"aasr": mean_std([0.28]), "aetr": mean_std([0.9]), "cost_s": mean_std([1.0])}
+    one = {**task, "summary": {"acc_mean": mean_std([0.81]), "attacks": {"PGD-20": seed}}}
     (single,) = paper_tables("t", "meningioma", one)
     assert single.rows[0][2] == "-" and "needs two seeds" in single.notes[0]
+
+    def drop_ci(stat: dict) -> dict:
+        return {k: v for k, v in stat.items() if k != "ci95"}
+
+    pgd = {k: drop_ci(v) for k, v in task["summary"]["attacks"]["PGD-20"].items()}
+    old = {"acc_mean": drop_ci(task["summary"]["acc_mean"]), "attacks": {"PGD-20": pgd}}
+    before = {**task, "summary": old}  # 3 seeds, written before summaries carried ci95
+    (table,) = paper_tables("t", "meningioma", before)
+    assert "not in this run's summary" in table.notes[0]
