@@ -11,13 +11,16 @@
 #    normalisation (eps x the data's std), and the number of non-IID chunks per client.
 #    Every run also reports ASR against the true label beside the paper's (against the
 #    clean prediction), and how far apart the deployed client models are.
+# 4. Step 3's closest setting (z = 0.002, eps after normalisation by each task's own pixel
+#    std) on all three tasks, 3 seeds: does what comes closest on meningioma carry over?
 #
 # Env: DATA_ROOT, DEVICE (default cuda), ENGINE (default inprocess; "batched" stacks the
 # clients where the model has no dropout), DROPOUT (with ENGINE=batched: "exact", the
 # default, or "stacked" to batch the paper CNN's dropout too: the same training in
-# distribution, not in-process numbers), BIN (default .venv/bin), STEPS ("1 2 3"),
-# SENSITIVITY (step 3's base scenario, default paper_baseline.toml; on CPU,
-# scenarios/sensitivity_cpu.toml: the same at 5 rounds x 4 local epochs, one seed).
+# distribution, not in-process numbers), BIN (default .venv/bin), STEPS ("1 2 3 4"),
+# SENSITIVITY (steps 3 and 4's base scenario, default paper_baseline.toml; on CPU,
+# scenarios/sensitivity_cpu.toml: the same at 5 rounds x 4 local epochs, one seed),
+# SEEDS and TASKS (step 4's, default "0 1 2" and all three tasks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${BIN:-.venv/bin}")
@@ -27,7 +30,9 @@ DEVICE=${DEVICE:-cuda}
 ENGINE=${ENGINE:-inprocess}
 ENGINE_SETS=(--set "engine.name=$ENGINE")
 [[ -n "${DROPOUT:-}" ]] && ENGINE_SETS+=(--set "engine.params.dropout=$DROPOUT")
-STEPS=${STEPS:-1 2 3}
+STEPS=${STEPS:-1 2 3 4}
+SEEDS=${SEEDS:-0 1 2}                        # step 4's seeds
+TASKS=${TASKS:-meningioma glioma pathology}  # step 4's tasks
 SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 
 # Expected time, before anything runs. Measured: one paper_baseline round takes 3.5 s on
@@ -36,10 +41,12 @@ SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 cat <<EOF
 reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, data $DATA_ROOT, output $OUT
 expected on one H200: step 1 ~35 min (3 tasks x 3 seeds), step 2 ~30 min, step 3 ~2 h
-(14 settings x 3 seeds on meningioma; 8 train, 6 attack a cached federation); on 2 CPU
+(14 settings x 3 seeds on meningioma; 8 train, 6 attack a cached federation), step 4
+~30 min (9 task-seeds; meningioma's federations are step 3's, from the cache); on 2 CPU
 cores: days. Not yet measured end to end on a GPU (docs/RESULTS.md says which parts have
-been). Step 3 with SENSITIVITY=scenarios/sensitivity_cpu.toml on 2 CPU cores (measured):
-~13 min per trained setting, ~7 min per cached one, about 2.5 h in all.
+been). Steps 3 and 4 with SENSITIVITY=scenarios/sensitivity_cpu.toml on 2 CPU cores
+(measured): ~13 min per trained setting, ~7 min per cached one, about 2.5 h for step 3;
+~17 min per task-seed for step 4.
 EOF
 
 run() {  # run NAME SCENARIO [testbed run args...]
@@ -56,6 +63,32 @@ run() {  # run NAME SCENARIO [testbed run args...]
     "${ENGINE_SETS[@]}" --out "$OUT/$name" "$@"
 }
 
+# eps after normalisation: the paper's 0.03 (and step 0.007) times the task's pixel std,
+# one std over all pixels and channels, from the task's data as the scenario loads it
+declare -A STD_OF  # measured once per task
+eps_normalised() {  # eps_normalised TASK: sets SETS for the four attacks
+  [[ -n "${STD_OF[$1]:-}" ]] || STD_OF[$1]=$("$BIN/python" - "$SENSITIVITY" "$1" "$DATA_ROOT" <<'PY'
+import sys
+from pathlib import Path
+from testbed.pluginmanager import build_host
+from testbed.scenario_load import load_scenario
+host = build_host()
+task = next(t for t in load_scenario(Path(sys.argv[1]), host.registry).task_list()
+            if t.name == sys.argv[2])
+ds = host.registry.build("datasets", task.data.name, task.data.params, data_root=Path(sys.argv[3]))
+print(f"{float(ds.x.float().div(255).std()):.6f}")
+PY
+)
+  local std=${STD_OF[$1]}
+  EPS=$("$BIN/python" -c "print(round(0.03 * $std, 6))")
+  STEP=$("$BIN/python" -c "print(round(0.007 * $std, 6))")
+  echo "$1 pixel std $std: eps 0.03 after normalisation is $EPS on [0, 1] pixels"
+  SETS=(--set "attacks.0.params.eps=$EPS")
+  for i in 1 2 3; do
+    SETS+=(--set "attacks.$i.params.eps=$EPS" --set "attacks.$i.params.eps_step=$STEP")
+  done
+}
+
 mkdir -p "$OUT"
 MEN=(--task meningioma)
 for step in $STEPS; do
@@ -63,24 +96,7 @@ for step in $STEPS; do
     1) run baseline scenarios/paper_baseline.toml ;;
     2) run sweeps scenarios/paper_sweeps.toml ;;
     3)
-      # eps after normalisation: the paper's 0.03 times the meningioma images' std
-      STD=$("$BIN/python" - "$DATA_ROOT" <<'PY'
-import sys
-from pathlib import Path
-from testbed.pluginmanager import build_host
-ds = build_host().registry.build(
-    "datasets", "brain_mri", {"task": "meningioma", "image_size": 100, "dedupe": False},
-    data_root=Path(sys.argv[1]))
-print(f"{float(ds.x.float().div(255).std()):.6f}")
-PY
-)
-      EPS=$("$BIN/python" -c "print(round(0.03 * $STD, 6))")
-      STEP=$("$BIN/python" -c "print(round(0.007 * $STD, 6))")
-      echo "meningioma pixel std $STD: eps 0.03 after normalisation is $EPS on [0, 1] pixels"
-      SETS=(--set "attacks.0.params.eps=$EPS")
-      for i in 1 2 3; do
-        SETS+=(--set "attacks.$i.params.eps=$EPS" --set "attacks.$i.params.eps_step=$STEP")
-      done
+      eps_normalised meningioma
       # both eps readings at every z: the second run of a pair trains nothing (the cache)
       for z in 0 0.0005 0.002 0.005 0.05; do
         run "z-$z" "$SENSITIVITY" "${MEN[@]}" --set "dp.params.noise_multiplier=$z"
@@ -90,6 +106,18 @@ PY
       for chunks in 1 2 5 10; do
         run "chunks-$chunks" "$SENSITIVITY" "${MEN[@]}" \
           --set "partition.params.chunks_per_client=$chunks"
+      done
+      ;;
+    4)
+      # step 3's closest setting on every task, one run per seed so that a long CPU run
+      # has every task on one seed before any on two
+      for seed in $SEEDS; do
+        for task in $TASKS; do
+          eps_normalised "$task"
+          run "closest-$task-seed$seed" "$SENSITIVITY" --task "$task" \
+            --set "dp.params.noise_multiplier=0.002" "${SETS[@]}" \
+            --set "evaluation.repeats=1" --set "evaluation.seeds=[$seed]"
+        done
       done
       ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

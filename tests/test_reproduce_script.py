@@ -69,15 +69,16 @@ def test_an_interrupted_run_is_resumed_as_it_was_and_a_finished_one_skipped(tmp_
 @pytest.mark.realdata
 @pytest.mark.parametrize(
     ("steps", "base"),
-    [("1 2 3", "scenarios/paper_baseline.toml"), ("3", "scenarios/sensitivity_cpu.toml")],
+    [("1 2 3 4", "scenarios/paper_baseline.toml"), ("3 4", "scenarios/sensitivity_cpu.toml")],
 )
 def test_every_run_of_every_step_is_a_scenario_the_cli_accepts(tmp_path, data_root, steps, base):
     """The sensitivity study's --set lists (noise multiplier, eps after normalisation from
-    the measured std, chunks) are checked here, not first on a lent GPU."""
+    the measured std, chunks, one seed per run of step 4) are checked here, not first on a
+    lent GPU."""
     env = {"STEPS": steps, "DATA_ROOT": str(data_root), "SENSITIVITY": base}
     calls = _script(tmp_path, tmp_path / "out", **env)
     registry = build_host().registry
-    names = []
+    names, eps_of = [], {}
     for call in calls:
         assert call[0] == "run"
         sets = [call[i + 1] for i, a in enumerate(call) if a == "--set"]
@@ -88,17 +89,28 @@ def test_every_run_of_every_step_is_a_scenario_the_cli_accepts(tmp_path, data_ro
         names.append(call[call.index("--out") + 1].rsplit("/", 1)[1])
         if names[-1].startswith("z-"):
             assert scenario.dp.params["noise_multiplier"] == float(names[-1].split("-")[1])
-        if names[-1].endswith("eps-normalised"):
+        if names[-1].endswith("eps-normalised") or names[-1].startswith("closest-"):
             eps = {a.params["eps"] for a in scenario.attacks}
-            assert len(eps) == 1 and 0.001 < eps.pop() < 0.03  # 0.03 x a std below 1
+            assert len(eps) == 1 and 0.001 < min(eps) < 0.03  # 0.03 x a std below 1
             assert len({a.params.get("eps_step") for a in scenario.attacks[1:]}) == 1
+            eps_of.setdefault(call[call.index("--task") + 1], set()).update(eps)
+        if names[-1].startswith("closest-"):
+            _, task, seed = names[-1].split("-")
+            assert call[call.index("--task") + 1] == task
+            assert scenario.dp.params["noise_multiplier"] == 0.002
+            assert scenario.evaluation.seeds == [int(seed.removeprefix("seed"))]
     study = [
         name
         for z in ("0", "0.0005", "0.002", "0.005", "0.05")
         for name in (f"z-{z}", f"z-{z}-eps-normalised")
     ]
     study += [f"chunks-{c}" for c in (1, 2, 5, 10)]
+    all_tasks = ("meningioma", "glioma", "pathology")
+    study += [f"closest-{t}-seed{s}" for s in range(3) for t in all_tasks]
     assert names == (["baseline", "sweeps"] if "1" in steps else []) + study
+    # each task's own std, the same for a task in steps 3 and 4
+    assert all(len(eps) == 1 for eps in eps_of.values())
+    assert len({eps.pop() for eps in eps_of.values()}) == 3
 
 
 def test_the_cpu_sensitivity_base_is_the_paper_baseline_at_a_smaller_schedule():
@@ -108,7 +120,6 @@ def test_the_cpu_sensitivity_base_is_the_paper_baseline_at_a_smaller_schedule():
     cpu = resolved_dict(load_scenario(REPO / "scenarios/sensitivity_cpu.toml", registry))
     for doc in (paper, cpu):
         doc.pop("scenario"), doc.pop("explain")
-        doc["tasks"] = [t for t in doc["tasks"] if t["name"] == "meningioma"]
         for key in ("rounds", "local_epochs"):
             doc["federation"].pop(key)
         doc["evaluation"].pop("repeats")

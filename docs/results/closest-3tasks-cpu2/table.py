@@ -1,0 +1,108 @@
+"""The closest setting of the sensitivity study (z = 0.002, eps after normalisation) on each
+task, beside the paper's Tables I/II: every seed, and the mean with its 95% CI (Student's t)
+over the seeds, pooled by task from any number of runs.
+
+    python docs/results/closest-3tasks-cpu2/table.py RUN_OR_JSON...
+
+Each argument is a run folder (its metrics.json), a metrics.json saved under another name,
+or a folder of those (scripts/reproduce_paper.sh step 4's OUT: closest-<task>-seed<n>/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from testbed.metrics import mean_std
+
+# Darzi et al., SPEC.md: Table I (ACC, AASR PGD-20 / PGD-40), Table II (AETR FGSM / PGD)
+PAPER = {
+    "meningioma": {"ACC": 84.12, "PGD-20 AASR": 27.52, "PGD-40 AASR": 32.99,
+                   "FGSM AETR": 84.80, "PGD-20 AETR": 83.73},
+    "glioma": {"ACC": 61.84, "PGD-20 AASR": 51.83, "PGD-40 AASR": 63.77,
+               "FGSM AETR": 82.32, "PGD-20 AETR": 74.89},
+    "pathology": {"ACC": 77.01, "PGD-20 AASR": 60.98, "PGD-40 AASR": 82.27,
+                  "FGSM AETR": 90.67, "PGD-20 AETR": 79.86},
+}  # fmt: skip
+FIGURES = ["PGD-20 AASR", "PGD-40 AASR", "FGSM AETR", "PGD-20 AETR"]  # the ones compared
+
+
+def _figures(rep: dict) -> dict[str, float]:
+    att = rep["attacks"]
+    return {
+        "ACC": 100 * rep["acc_mean"],
+        "PGD-20 AASR": 100 * att["PGD-20"]["aasr"],
+        "PGD-20 AASR, true label": 100 * att["PGD-20"]["aasr_true"],
+        "PGD-40 AASR": 100 * att["PGD-40"]["aasr"],
+        "PGD-40 AASR, true label": 100 * att["PGD-40"]["aasr_true"],
+        "FGSM AETR": 100 * att["FGSM"]["aetr"],
+        "PGD-20 AETR": 100 * att["PGD-20"]["aetr"],
+        "client distance": rep["client_models"]["distance_mean"],
+    }
+
+
+def _metrics_files(args: list[str]) -> list[Path]:
+    files = []
+    for arg in map(Path, args):
+        if arg.is_file():
+            files.append(arg)
+        elif (arg / "metrics.json").is_file():
+            files.append(arg / "metrics.json")
+        else:
+            files += sorted(arg.glob("*/metrics.json")) + sorted(arg.glob("*.json"))
+    return files
+
+
+def collect(args: list[str]) -> dict[str, dict[int, dict[str, float]]]:
+    """task -> seed -> figures; a seed seen twice must agree (it is the same run)."""
+    by_task: dict[str, dict[int, dict[str, float]]] = {}
+    for path in _metrics_files(args):
+        for task, result in json.loads(path.read_text())["tasks"].items():
+            for rep in result["repeats"]:
+                figs = _figures(rep)
+                seen = by_task.setdefault(task, {}).setdefault(rep["seed"], figs)
+                if seen != figs:
+                    raise SystemExit(f"{path}: {task} seed {rep['seed']} differs from before")
+    return by_task
+
+
+def _cell(values: list[float]) -> str:
+    st = mean_std(values)
+    if len(values) < 2:
+        return f"{st['mean']:.1f}"
+    return f"{st['mean']:.1f} [{st['mean'] - st['ci95']:.1f}, {st['mean'] + st['ci95']:.1f}]"
+
+
+def main(args: list[str]) -> None:
+    by_task = collect(args)
+    for task in [t for t in PAPER if t in by_task]:
+        seeds = sorted(by_task[task])
+        runs = [by_task[task][s] for s in seeds]
+        print(f"\n{task}, seeds {', '.join(map(str, seeds))}\n")
+        print("| | " + " / ".join(f"seed {s}" for s in seeds) + " | mean [95% CI] | paper |")
+        print("|---|---|---|---|")
+        for fig in runs[0]:
+            values = [r[fig] for r in runs]
+            paper = PAPER[task].get(fig.removesuffix(", true label"))
+            each = " / ".join(
+                f"{v:.3f}" if fig == "client distance" else f"{v:.1f}" for v in values
+            )
+            print(f"| {fig} | {each} | {_cell(values)} | {'-' if paper is None else paper} |")
+        gaps, inside = [], []
+        for fig in FIGURES:
+            st = mean_std([r[fig] for r in runs])
+            gaps.append((abs(st["mean"] - PAPER[task][fig]), fig))
+            if len(runs) > 1 and abs(st["mean"] - PAPER[task][fig]) <= st["ci95"]:
+                inside.append(fig)
+        gap, fig = max(gaps)
+        print(f"\nlargest gap of the four (ASR against the prediction): {gap:.1f} ({fig})")
+        if len(runs) > 1:
+            print(f"paper inside the 95% CI: {len(inside)} of 4 ({', '.join(inside) or 'none'})")
+        if any(math.isnan(v) for r in runs for v in r.values()):
+            print("(a NaN figure: fewer than two images to count over)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
