@@ -5,6 +5,10 @@ ratios share the machine's load.
 Run:  OMP_NUM_THREADS=2 pytest benchmarks/test_engine_step.py --benchmark-enable \
         --benchmark-json=F    (BENCH_QUICK=1: tiny shapes for a smoke run)
 
+BENCH_DEVICE=cuda puts the model and the data on the GPU (each timed call ends with a
+synchronisation); BENCH_CLIENT_SIZE sets the images per client (default 96, three batches;
+a paper_baseline client holds about 297).
+
 - "bare": SGD over the client's batches with nothing else (the floor).
 - "inprocess": `testbed.local_training.client_step`, the in-process engine's step for one
   client (weights in, generator, hooks, local_sgd, update out).
@@ -17,6 +21,8 @@ does the same arithmetic.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -38,26 +44,29 @@ from testbed.scenario import Augment
 from testbed.state import RoundContext
 
 SHAPE = (1, 16, 16) if QUICK else (1, 100, 100)
-N_TRAIN = 16 if QUICK else 96  # three batches of 32: one local epoch of a small client
+N_TRAIN = 16 if QUICK else int(os.environ.get("BENCH_CLIENT_SIZE", "96"))
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
 CFG = LocalConfig(1, 32, 0.01, 0.9, 0.0, Augment(hflip=False))
 
 
 def _model(dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(SEED)
     c, size, _ = SHAPE
-    return build_paper_cnn(PaperCNNParams(dropout=dropout), c, size, 2, [0.5] * c, [0.25] * c)
+    model = build_paper_cnn(PaperCNNParams(dropout=dropout), c, size, 2, [0.5] * c, [0.25] * c)
+    return model.to(DEVICE)
 
 
 def _client(cid: int) -> ClientData:
     g = torch.Generator().manual_seed(SEED + cid)
     x = torch.randint(0, 256, (N_TRAIN, *SHAPE), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 2, (N_TRAIN,), generator=g)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     return ClientData(cid, x, y, x[:0], y[:0])
 
 
 def _bare(model: nn.Module, data: ClientData, g: torch.Generator) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=CFG.lr, momentum=CFG.momentum)
-    order = torch.randperm(data.n_train, generator=g)
+    order = torch.randperm(data.n_train, generator=g).to(DEVICE)
     for start in range(0, data.n_train, CFG.batch_size):
         idx = order[start : start + CFG.batch_size]
         x = data.x_train[idx].float() / 255
@@ -68,7 +77,12 @@ def _bare(model: nn.Module, data: ClientData, g: torch.Generator) -> None:
 
 
 def _run(benchmark, fn) -> None:
-    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    def timed() -> None:
+        fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()  # GPU work is asynchronous: time it to the end
+
+    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
 
 
 @pytest.mark.parametrize("impl", ["bare", "inprocess"])

@@ -4,7 +4,8 @@
 #   scripts/reproduce_paper.sh [OUT]          # DATA_ROOT=../shared/datasets by default
 #
 # 1. paper_baseline.toml at the full schedule (50 rounds x 20 local epochs, 3 clients),
-#    all three tasks, 3 seeds: Tables I/II with mean and 95% CI (`testbed report`).
+#    all three tasks, 3 seeds, one run per task and seed, JOBS of them at once: Tables I/II
+#    with mean and 95% CI (scripts/paper_table.py).
 # 2. paper_sweeps.toml on the real data: Fig. 2 (eps) and Fig. 3 (clients).
 # 3. Sensitivity over what the paper leaves open, on the meningioma task, 3 seeds each:
 #    the downlink noise multiplier z, each with eps on [0, 1] pixels and after
@@ -20,7 +21,9 @@
 # distribution, not in-process numbers), BIN (default .venv/bin), STEPS ("1 2 3 4"),
 # SENSITIVITY (steps 3 and 4's base scenario, default paper_baseline.toml; on CPU,
 # scenarios/sensitivity_cpu.toml: the same at 5 rounds x 4 local epochs, one seed),
-# SEEDS and TASKS (step 4's, default "0 1 2" and all three tasks).
+# SEEDS and TASKS (steps 1 and 4's, default "0 1 2" and all three tasks), JOBS (step 1's
+# runs at once; default 3 on a GPU, where the paper CNN at batch 32 leaves room for three
+# processes, and 1 on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${BIN:-.venv/bin}")
@@ -31,20 +34,22 @@ ENGINE=${ENGINE:-inprocess}
 ENGINE_SETS=(--set "engine.name=$ENGINE")
 [[ -n "${DROPOUT:-}" ]] && ENGINE_SETS+=(--set "engine.params.dropout=$DROPOUT")
 STEPS=${STEPS:-1 2 3 4}
-SEEDS=${SEEDS:-0 1 2}                        # step 4's seeds
-TASKS=${TASKS:-meningioma glioma pathology}  # step 4's tasks
+SEEDS=${SEEDS:-0 1 2}                        # steps 1 and 4
+TASKS=${TASKS:-meningioma glioma pathology}  # steps 1 and 4
+JOBS=${JOBS:-$([[ $DEVICE == cpu ]] && echo 1 || echo 3)}
 SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 
-# Expected time, before anything runs. Measured: one paper_baseline round takes 3.5 s on
-# an H200 in-process (docs/RESULTS.md), so a task-seed at 50 rounds takes ~3 min plus
-# ~1 min of attacks; on 2 CPU cores ~6 h per task-seed (../shared/reference/BASELINES.md).
+# Expected time, before anything runs. Measured on one H200 (docs/BENCHMARKS.md): a
+# meningioma task-seed alone takes 237 s (3.6 s per round, then ~25 s of attacks and
+# explanations); three at once 421-430 s each, 1.7x the throughput, and six at once no
+# more than three. On 2 CPU cores ~6 h per task-seed (../shared/reference/BASELINES.md).
 cat <<EOF
-reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, data $DATA_ROOT, output $OUT
-expected on one H200: step 1 ~35 min (3 tasks x 3 seeds), step 2 ~30 min, step 3 ~2 h
-(14 settings x 3 seeds on meningioma; 8 train, 6 attack a cached federation), step 4
+reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, $JOBS run(s) at once in step 1, data $DATA_ROOT, output $OUT
+expected on one H200: step 1 ~25 min (3 tasks x 3 seeds, three at once; pathology's
+clients are 1.4x meningioma's, not yet measured at this schedule), step 2 ~30 min, step 3
+~2 h (14 settings x 3 seeds on meningioma; 8 train, 6 attack a cached federation), step 4
 ~30 min (9 task-seeds; meningioma's federations are step 3's, from the cache); on 2 CPU
-cores: days. Not yet measured end to end on a GPU (docs/RESULTS.md says which parts have
-been). Steps 3 and 4 with SENSITIVITY=scenarios/sensitivity_cpu.toml on 2 CPU cores
+cores: days. Steps 3 and 4 with SENSITIVITY=scenarios/sensitivity_cpu.toml on 2 CPU cores
 (measured): ~13 min per trained setting, ~7 min per cached one, about 2.5 h for step 3;
 ~17 min per task-seed for step 4.
 EOF
@@ -93,7 +98,31 @@ mkdir -p "$OUT"
 MEN=(--task meningioma)
 for step in $STEPS; do
   case $step in
-    1) run baseline scenarios/paper_baseline.toml ;;
+    1)
+      # one run per task and seed, so that JOBS of them share the GPU and each lands alone
+      for seed in $SEEDS; do
+        for task in $TASKS; do
+          while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
+          name="baseline-$task-seed$seed"
+          [[ -f "$OUT/$name/metrics.json" ]] && { echo "done: $name"; continue; }
+          echo "== $name started ($(date +%H:%M:%S)), log $OUT/$name.out"
+          run "$name" scenarios/paper_baseline.toml --task "$task" --no-progress \
+            --set "evaluation.repeats=1" --set "evaluation.seeds=[$seed]" >"$OUT/$name.out" 2>&1 &
+        done
+      done
+      wait
+      missing=()
+      for seed in $SEEDS; do
+        for task in $TASKS; do
+          [[ -f "$OUT/baseline-$task-seed$seed/metrics.json" ]] || missing+=("baseline-$task-seed$seed")
+        done
+      done
+      if ((${#missing[@]})); then
+        echo "step 1: ${missing[*]} did not finish (see their .out); rerun to resume them" >&2
+        exit 1
+      fi
+      "$BIN/python" scripts/paper_table.py "$OUT"/baseline-*/ | tee "$OUT/baseline-table.md"
+      ;;
     2) run sweeps scenarios/paper_sweeps.toml ;;
     3)
       eps_normalised meningioma

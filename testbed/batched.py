@@ -68,10 +68,9 @@ def batchable(model: nn.Module, hooks: Any, *, stacked_dropout: bool = False) ->
 
 @dataclass
 class _Pending:
-    """A client's batches still to come, and its running loss."""
+    """A client's batches still to come, and how many samples it has trained on."""
 
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
-    loss_sum: float = 0.0
     seen: int = 0
 
 
@@ -109,6 +108,9 @@ def train_stacked(
     pending = [_Pending(_batches(d, cfg, g)) for d, g in zip(data, generators, strict=True)]
     x0 = data[0].x_train
     shape = (len(data), cfg.batch_size, *x0.shape[1:])
+    # summed on the device, as local_sgd does: reading each step's loss back to the host
+    # would wait for the GPU every step
+    loss_sums = torch.zeros(len(data), dtype=torch.float64, device=x0.device)
     while True:
         step = [next(p.batches, None) for p in pending]
         active = [s is not None for s in step]
@@ -127,13 +129,13 @@ def train_stacked(
         loss.sum().backward()  # client c's loss depends on slice c only: per-client grads
         opt.step()
         _restore(opt, frozen)
+        loss_sums += loss.detach().double() * ws.sum(1)  # an idle client's row adds 0
         for c, s in enumerate(step):
             if s is not None:
-                n = s[1].shape[0]
-                pending[c].loss_sum += float(loss[c].detach()) * n
-                pending[c].seen += n
+                pending[c].seen += s[1].shape[0]
     flat = torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)
-    return list(flat.unbind(0)), [p.loss_sum / max(p.seen, 1) for p in pending]
+    sums = loss_sums.tolist()
+    return list(flat.unbind(0)), [t / max(p.seen, 1) for t, p in zip(sums, pending, strict=True)]
 
 
 Frozen = tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], list[int]]

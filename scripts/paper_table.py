@@ -1,11 +1,11 @@
-"""The closest setting of the sensitivity study (z = 0.002, eps after normalisation) on each
-task, beside the paper's Tables I/II: every seed, and the mean with its 95% CI (Student's t)
-over the seeds, pooled by task from any number of runs.
+"""Runs pooled by task beside the paper's Tables I/II: every seed, and the mean with its 95%
+CI (Student's t) over the seeds, from any number of runs (one seed each or several).
 
-    python docs/results/closest-3tasks-cpu2/table.py RUN_OR_JSON...
+    python scripts/paper_table.py RUN_OR_JSON...
 
 Each argument is a run folder (its metrics.json), a metrics.json saved under another name,
 or a folder of those (scripts/reproduce_paper.sh step 4's OUT: closest-<task>-seed<n>/).
+A figure a run did not record (an older metrics.json: ASR against the true label) is "-".
 """
 
 from __future__ import annotations
@@ -29,37 +29,49 @@ PAPER = {
 FIGURES = ["PGD-20 AASR", "PGD-40 AASR", "FGSM AETR", "PGD-20 AETR"]  # the ones compared
 
 
-def _figures(rep: dict) -> dict[str, float]:
+def _figures(rep: dict) -> dict[str, float | None]:
     att = rep["attacks"]
+
+    def pct(attack: str, key: str) -> float | None:
+        value = att[attack].get(key)
+        return None if value is None else 100 * value
+
     return {
         "ACC": 100 * rep["acc_mean"],
-        "PGD-20 AASR": 100 * att["PGD-20"]["aasr"],
-        "PGD-20 AASR, true label": 100 * att["PGD-20"]["aasr_true"],
-        "PGD-40 AASR": 100 * att["PGD-40"]["aasr"],
-        "PGD-40 AASR, true label": 100 * att["PGD-40"]["aasr_true"],
-        "FGSM AETR": 100 * att["FGSM"]["aetr"],
-        "PGD-20 AETR": 100 * att["PGD-20"]["aetr"],
-        "client distance": rep["client_models"]["distance_mean"],
+        "PGD-20 AASR": pct("PGD-20", "aasr"),
+        "PGD-20 AASR, true label": pct("PGD-20", "aasr_true"),
+        "PGD-40 AASR": pct("PGD-40", "aasr"),
+        "PGD-40 AASR, true label": pct("PGD-40", "aasr_true"),
+        "FGSM AETR": pct("FGSM", "aetr"),
+        "PGD-20 AETR": pct("PGD-20", "aetr"),
+        "client distance": rep.get("client_models", {}).get("distance_mean"),
     }
 
 
-def _metrics_files(args: list[str]) -> list[Path]:
+def _metrics_files(args: list[str]) -> list[tuple[Path, bool]]:
+    """(file, named on the command line): a folder's other JSON files are passed over."""
     files = []
     for arg in map(Path, args):
         if arg.is_file():
-            files.append(arg)
+            files.append((arg, True))
         elif (arg / "metrics.json").is_file():
-            files.append(arg / "metrics.json")
+            files.append((arg / "metrics.json", True))
         else:
-            files += sorted(arg.glob("*/metrics.json")) + sorted(arg.glob("*.json"))
+            found = sorted(arg.glob("*/metrics.json")) + sorted(arg.glob("*.json"))
+            files += [(f, False) for f in found]
     return files
 
 
-def collect(args: list[str]) -> dict[str, dict[int, dict[str, float]]]:
+def collect(args: list[str]) -> dict[str, dict[int, dict[str, float | None]]]:
     """task -> seed -> figures; a seed seen twice must agree (it is the same run)."""
-    by_task: dict[str, dict[int, dict[str, float]]] = {}
-    for path in _metrics_files(args):
-        for task, result in json.loads(path.read_text())["tasks"].items():
+    by_task: dict[str, dict[int, dict[str, float | None]]] = {}
+    for path, named in _metrics_files(args):
+        doc = json.loads(path.read_text())
+        if "tasks" not in doc:
+            if named:
+                raise SystemExit(f"{path}: not a run's metrics.json")
+            continue
+        for task, result in doc["tasks"].items():
             for rep in result["repeats"]:
                 figs = _figures(rep)
                 seen = by_task.setdefault(task, {}).setdefault(rep["seed"], figs)
@@ -68,7 +80,9 @@ def collect(args: list[str]) -> dict[str, dict[int, dict[str, float]]]:
     return by_task
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float | None]) -> str:
+    if any(v is None for v in values):
+        return "-"
     st = mean_std(values)
     if len(values) < 2:
         return f"{st['mean']:.1f}"
@@ -87,7 +101,8 @@ def main(args: list[str]) -> None:
             values = [r[fig] for r in runs]
             paper = PAPER[task].get(fig.removesuffix(", true label"))
             each = " / ".join(
-                f"{v:.3f}" if fig == "client distance" else f"{v:.1f}" for v in values
+                "-" if v is None else f"{v:.3f}" if fig == "client distance" else f"{v:.1f}"
+                for v in values
             )
             print(f"| {fig} | {each} | {_cell(values)} | {'-' if paper is None else paper} |")
         gaps, inside = [], []
@@ -100,7 +115,7 @@ def main(args: list[str]) -> None:
         print(f"\nlargest gap of the four (ASR against the prediction): {gap:.1f} ({fig})")
         if len(runs) > 1:
             print(f"paper inside the 95% CI: {len(inside)} of 4 ({', '.join(inside) or 'none'})")
-        if any(math.isnan(v) for r in runs for v in r.values()):
+        if any(v is not None and math.isnan(v) for r in runs for v in r.values()):
             print("(a NaN figure: fewer than two images to count over)")
 
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Packs what one short GPU lease needs into .lease/ (git-ignored), for a machine that
+# cannot reach a package index and receives at most 64 MiB:
+#
+#   scripts/lease/pack.sh [TASK...]     # default: meningioma glioma
+#
+# - .lease/whl: wheels the lent machine's image lacks (cp312, manylinux), and testbed's own;
+# - .lease/cache: each task's decoded dataset (testbed's own cache payload, xz), with
+#   .lease/stamps.json: the names, sizes and mtimes of the source files that key it and a
+#   checksum of the images. full_schedule.py recreates those files there as empty sparse
+#   files so the loader finds its cache under the same key; the check below and the one
+#   there compare the images themselves, so a mismatch stops the lease before any run.
+# PCam's decoded 2150 patches (53 MB compressed) do not fit beside the MRI tasks.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-.venv/bin}
+TASKS=${*:-meningioma glioma}
+DATA_ROOT=$(realpath "${DATA_ROOT:-../shared/datasets}")
+rm -rf .lease && mkdir -p .lease/whl .lease/cache
+py312=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+       --platform manylinux2014_x86_64)
+# the versions this checkout's environment resolved, so both machines run the same ones
+pins=()
+for pkg in pydantic pydantic_core typing-inspection annotated-types typing_extensions \
+           adversarial-robustness-toolbox opacus captum dill pluggy rich; do
+  pins+=("$pkg==$("$BIN/pip" show "$pkg" | awk '/^Version/{print $2}')")
+done
+python3 -m pip download -q "${py312[@]}" -d .lease/whl "${pins[@]}"
+"$BIN/pip" wheel -q --no-deps --no-build-isolation -w .lease/whl .
+TESTBED_CACHE_DIR=$PWD/.lease/cache-raw "$BIN/python" - "$DATA_ROOT" $TASKS <<'PY'
+import json, sys
+from pathlib import Path
+import torch
+from testbed.pluginmanager import build_host
+from testbed.scenario_load import load_scenario
+
+root, tasks = Path(sys.argv[1]), sys.argv[2:]
+host = build_host()
+scenario = load_scenario(Path("scenarios/paper_baseline.toml"), host.registry)
+out = {"data_root": str(root), "tasks": {}, "files": []}
+folders = set()
+for t in scenario.task_list():
+    if t.name in tasks:
+        ds = host.registry.build("datasets", t.data.name, t.data.params, data_root=root)
+        out["tasks"][t.name] = {"shape": list(ds.x.shape), "sum": int(ds.x.sum(dtype=torch.int64)),
+                                "labels": int(ds.y.sum())}
+        folders.add(t.data.params.get("path", "brain-tumor-mri" if t.data.name == "brain_mri" else "pcam-sample"))
+for folder in sorted(folders):
+    for f in sorted((root / folder).rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            out["files"].append([f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+Path(".lease/stamps.json").write_text(json.dumps(out))
+print(f"{len(out['files'])} stamped files; tasks {out['tasks']}")
+PY
+for f in .lease/cache-raw/*.pt; do xz -T2 -6 -c "$f" > ".lease/cache/$(basename "$f").xz"; done
+rm -rf .lease/cache-raw
+du -sh .lease/whl .lease/cache
