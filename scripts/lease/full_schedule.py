@@ -12,7 +12,8 @@ no package index and none of ../shared. This driver:
    loader and compares shape, pixel sum and label count with what pack.sh recorded, and
    stops before any run if one differs;
 3. with --bench, times the engines' training step on the GPU
-   (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda);
+   (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda) and the step's faster variants
+   (benchmarks/step_variants.py: cudnn.benchmark, channels-last, bf16, CUDA graph);
 4. runs one `testbed run` per task and seed at once (a paper CNN at batch 32 leaves an
    H200 mostly idle, so concurrent processes share it) and watches each run's log: once
    every run has two rounds, a run predicted to end after the deadline costs the others
@@ -203,6 +204,15 @@ def main() -> int:
             say(r.stdout[-3000:] + r.stderr[-1000:], log)
         except subprocess.TimeoutExpired:
             say("benchmark stopped at 90 s", log)
+        try:
+            r = subprocess.run(
+                [sys.executable, "benchmarks/step_variants.py", "--steps", "60",
+                 "--out", str(work / "step-variants-h200.json")],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            say(r.stdout[-2000:] + r.stderr[-1000:], log)
+        except subprocess.TimeoutExpired:
+            say("step variants stopped at 60 s", log)
 
     order = [(t, s) for s in args.seeds for t in args.tasks]
     order.sort(key=lambda ts: (args.tasks.index(ts[0]), ts[1]))  # a task's seeds together
