@@ -16,15 +16,13 @@ import sys
 from pathlib import Path
 
 from testbed.metrics import mean_std
+from testbed.paper import TABLE_I, TABLE_II
 
-# Darzi et al., SPEC.md: Table I (ACC, AASR PGD-20 / PGD-40), Table II (AETR FGSM / PGD)
+# Tables I (ACC, AASR PGD-20 / PGD-40) and II (AETR FGSM / PGD), in percent
 PAPER = {
-    "meningioma": {"ACC": 84.12, "PGD-20 AASR": 27.52, "PGD-40 AASR": 32.99,
-                   "FGSM AETR": 84.80, "PGD-20 AETR": 83.73},
-    "glioma": {"ACC": 61.84, "PGD-20 AASR": 51.83, "PGD-40 AASR": 63.77,
-               "FGSM AETR": 82.32, "PGD-20 AETR": 74.89},
-    "pathology": {"ACC": 77.01, "PGD-20 AASR": 60.98, "PGD-40 AASR": 82.27,
-                  "FGSM AETR": 90.67, "PGD-20 AETR": 79.86},
+    task: {"ACC": 100 * acc, "PGD-20 AASR": 100 * p20, "PGD-40 AASR": 100 * p40,
+           "FGSM AETR": 100 * TABLE_II[task][0], "PGD-20 AETR": 100 * TABLE_II[task][1]}
+    for task, (acc, p20, p40, _, _) in TABLE_I.items()
 }  # fmt: skip
 FIGURES = ["PGD-20 AASR", "PGD-40 AASR", "FGSM AETR", "PGD-20 AETR"]  # the ones compared
 
@@ -91,7 +89,7 @@ def _cell(values: list[float | None]) -> str:
 
 def main(args: list[str]) -> None:
     by_task = collect(args)
-    for task in [t for t in PAPER if t in by_task]:
+    for task in [t for t in ("meningioma", "glioma", "pathology") if t in by_task]:
         seeds = sorted(by_task[task])
         runs = [by_task[task][s] for s in seeds]
         print(f"\n{task}, seeds {', '.join(map(str, seeds))}\n")
@@ -104,7 +102,8 @@ def main(args: list[str]) -> None:
                 "-" if v is None else f"{v:.3f}" if fig == "client distance" else f"{v:.1f}"
                 for v in values
             )
-            print(f"| {fig} | {each} | {_cell(values)} | {'-' if paper is None else paper} |")
+            theirs = "-" if paper is None else f"{paper:.2f}"
+            print(f"| {fig} | {each} | {_cell(values)} | {theirs} |")
         gaps, inside = [], []
         for fig in FIGURES:
             st = mean_std([r[fig] for r in runs])

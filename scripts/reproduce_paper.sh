@@ -100,11 +100,13 @@ for step in $STEPS; do
   case $step in
     1)
       # one run per task and seed, so that JOBS of them share the GPU and each lands alone
+      names=()
       for seed in $SEEDS; do
         for task in $TASKS; do
-          while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
           name="baseline-$task-seed$seed"
+          names+=("$name")
           [[ -f "$OUT/$name/metrics.json" ]] && { echo "done: $name"; continue; }
+          while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
           echo "== $name started ($(date +%H:%M:%S)), log $OUT/$name.out"
           run "$name" scenarios/paper_baseline.toml --task "$task" --no-progress \
             --set "evaluation.repeats=1" --set "evaluation.seeds=[$seed]" >"$OUT/$name.out" 2>&1 &
@@ -112,16 +114,14 @@ for step in $STEPS; do
       done
       wait
       missing=()
-      for seed in $SEEDS; do
-        for task in $TASKS; do
-          [[ -f "$OUT/baseline-$task-seed$seed/metrics.json" ]] || missing+=("baseline-$task-seed$seed")
-        done
+      for name in "${names[@]}"; do
+        [[ -f "$OUT/$name/metrics.json" ]] || missing+=("$name")
       done
       if ((${#missing[@]})); then
         echo "step 1: ${missing[*]} did not finish (see their .out); rerun to resume them" >&2
         exit 1
       fi
-      "$BIN/python" scripts/paper_table.py "$OUT"/baseline-*/ | tee "$OUT/baseline-table.md"
+      "$BIN/python" scripts/paper_table.py "${names[@]/#/$OUT/}" | tee "$OUT/baseline-table.md"
       ;;
     2) run sweeps scenarios/paper_sweeps.toml ;;
     3)

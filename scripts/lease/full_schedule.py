@@ -26,6 +26,7 @@ no package index and none of ../shared. This driver:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import lzma
 import os
@@ -217,7 +218,7 @@ def main() -> int:
     order = [(t, s) for s in args.seeds for t in args.tasks]
     order.sort(key=lambda ts: (args.tasks.index(ts[0]), ts[1]))  # a task's seeds together
     runs = [Run(t, s, i) for i, (t, s) in enumerate(order)]
-    tail = args.tail
+    tails: list[float] = []  # last round to end, of each finished run
     for run in runs:
         cmd = [
             sys.executable, "-m", "testbed.cli", "run", args.scenario, "--task", run.task,
@@ -248,7 +249,7 @@ def main() -> int:
                 run.ended = now
                 run.state = "done" if rc == 0 else "failed"
                 if rc == 0 and run.stamps:
-                    tail = max(tail if tail != args.tail else 0, now - run.stamps[-1])
+                    tails.append(now - run.stamps[-1])
                 say(f"{run.name} {run.state} (rc {rc}) after {now - run.started:.0f} s", log)
         alive = [r for r in runs if r.state == "running"]
         if not alive:
@@ -257,6 +258,7 @@ def main() -> int:
             for run in alive:
                 stop(run, "deadline", log)
             break
+        tail = max(tails, default=args.tail)
         ends = {r.name: r.predicted_end(args.rounds, tail) for r in alive}
         if now - last_note > 30:
             last_note = now
@@ -281,11 +283,13 @@ def main() -> int:
 
 
 def stop(run: Run, why: str, log: Path) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it may have ended by itself
         os.killpg(run.proc.pid, signal.SIGTERM)
-        run.proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(run.proc.pid, signal.SIGKILL)
+        try:
+            run.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait()
     run.state, run.ended = "stopped", time.time()
     say(f"{run.name} stopped at round {len(run.stamps)}: {why}", log)
 

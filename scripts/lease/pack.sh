@@ -45,7 +45,8 @@ for t in scenario.task_list():
         ds = host.registry.build("datasets", t.data.name, t.data.params, data_root=root)
         out["tasks"][t.name] = {"shape": list(ds.x.shape), "sum": int(ds.x.sum(dtype=torch.int64)),
                                 "labels": int(ds.y.sum())}
-        folders.add(t.data.params.get("path", "brain-tumor-mri" if t.data.name == "brain_mri" else "pcam-sample"))
+        params = host.registry["datasets"].get(t.data.name).params.model_validate(t.data.params)
+        folders.add(params.path)
 for folder in sorted(folders):
     for f in sorted((root / folder).rglob("*")):
         if f.is_file():
