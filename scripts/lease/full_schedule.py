@@ -6,17 +6,17 @@ A lease is a few minutes of one GPU, in one call of at most 10 minutes, on a mac
 no package index and none of ../shared. This driver:
 
 1. installs the carried wheels (.lease/whl) into /tmp/site;
-2. restores the data pack.sh made: the decoded datasets into the testbed cache, and the
-   source files that key them as empty sparse files of the recorded names, sizes and
-   mtimes (never over a real file that differs); then loads every task through the real
-   loader and compares shape, pixel sum and label count with what pack.sh recorded, and
-   stops before any run if one differs;
+2. restores the data pack.sh made: the decoded datasets into the testbed cache, the
+   source images that key them as empty sparse files of the recorded names, sizes and
+   mtimes, and the label lists whole (never over a real file that differs); then loads
+   every task through the real loader and compares shape, pixel sum and label count
+   with what pack.sh recorded, and stops before any run if one differs;
 3. with --bench, times the engines' training step on the GPU
    (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda) and the step's faster variants
    (benchmarks/step_variants.py: cudnn.benchmark, channels-last, bf16, CUDA graph);
 4. runs one `testbed run` per task and seed at once (a paper CNN at batch 32 leaves an
    H200 mostly idle, so concurrent processes share it) and watches each run's log: once
-   every run has two rounds, a run predicted to end after the deadline costs the others
+   every run has three rounds, a run predicted to end after the deadline costs the others
    their share of the GPU, so the lowest in priority (later seeds first) is stopped, one
    at a time; at the deadline whatever still runs is stopped and its log kept;
 5. packs every finished run's metrics.json, run.log, report.md and scenario.json, the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import lzma
 import os
@@ -90,10 +91,11 @@ class Run:
         self.stamps = stamps
 
     def predicted_end(self, rounds: int, tail: float) -> float | None:
-        """Wall-clock time (epoch seconds) this run should end, from its last round gaps."""
-        if len(self.stamps) < 2:
+        """Wall-clock time (epoch seconds) this run should end, from its last round gaps;
+        the first round is left out: it carries the start-up (CUDA context, cuDNN plans)."""
+        if len(self.stamps) < 3:
             return None
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)][-3:]
+        gaps = [b - a for a, b in itertools.pairwise(self.stamps[1:])][-3:]
         return self.stamps[-1] + (rounds - len(self.stamps)) * sum(gaps) / len(gaps) + tail
 
 
@@ -119,8 +121,12 @@ def restore_data(manifest: dict, cache: Path, log: Path) -> None:
                 raise SystemExit(f"{p} exists and differs from the packed data: not touched")
             continue
         p.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("wb") as fh:
-            fh.truncate(size)  # sparse: the loader reads only the stamp, the cache holds the images
+        whole = LEASE / "files" / rel
+        if whole.is_file():  # a label list: the loader reads it
+            shutil.copyfile(whole, p)
+        else:
+            with p.open("wb") as fh:
+                fh.truncate(size)  # sparse: the loader reads only its stamp; the cache holds it
         os.utime(p, ns=(mtime, mtime))
         made += 1
     cache.mkdir(parents=True, exist_ok=True)

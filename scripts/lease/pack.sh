@@ -7,16 +7,18 @@
 # - .lease/whl: wheels the lent machine's image lacks (cp312, manylinux), and testbed's own;
 # - .lease/cache: each task's decoded dataset (testbed's own cache payload, xz), with
 #   .lease/stamps.json: the names, sizes and mtimes of the source files that key it and a
-#   checksum of the images. full_schedule.py recreates those files there as empty sparse
-#   files so the loader finds its cache under the same key; the check below and the one
-#   there compare the images themselves, so a mismatch stops the lease before any run.
+#   checksum of the images. full_schedule.py recreates the images there as empty sparse
+#   files so the loader finds its cache under the same key; the other files (label lists,
+#   which a loader reads before it looks in its cache) travel whole in .lease/files. The
+#   check below and the one there compare the images themselves, so a mismatch stops the
+#   lease before any run.
 # PCam's decoded 2150 patches (53 MB compressed) do not fit beside the MRI tasks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
 TASKS=${*:-meningioma glioma}
 DATA_ROOT=$(realpath "${DATA_ROOT:-../shared/datasets}")
-rm -rf .lease && mkdir -p .lease/whl .lease/cache
+rm -rf .lease && mkdir -p .lease/whl .lease/cache .lease/files
 py312=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
        --platform manylinux2014_x86_64)
@@ -29,9 +31,11 @@ done
 python3 -m pip download -q "${py312[@]}" -d .lease/whl "${pins[@]}"
 "$BIN/pip" wheel -q --no-deps --no-build-isolation -w .lease/whl .
 TESTBED_CACHE_DIR=$PWD/.lease/cache-raw "$BIN/python" - "$DATA_ROOT" $TASKS <<'PY'
-import json, sys
+import json, shutil, sys
 from pathlib import Path
 import torch
+
+IMAGES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 from testbed.pluginmanager import build_host
 from testbed.scenario_load import load_scenario
 
@@ -51,10 +55,14 @@ for folder in sorted(folders):
     for f in sorted((root / folder).rglob("*")):
         if f.is_file():
             st = f.stat()
-            out["files"].append([f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+            rel = f.relative_to(root).as_posix()
+            out["files"].append([rel, st.st_size, st.st_mtime_ns])
+            if f.suffix.lower() not in IMAGES:  # label lists are read before the cache lookup
+                (Path(".lease/files") / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, Path(".lease/files") / rel)
 Path(".lease/stamps.json").write_text(json.dumps(out))
 print(f"{len(out['files'])} stamped files; tasks {out['tasks']}")
 PY
 for f in .lease/cache-raw/*.pt; do xz -T2 -6 -c "$f" > ".lease/cache/$(basename "$f").xz"; done
 rm -rf .lease/cache-raw
-du -sh .lease/whl .lease/cache
+du -sh .lease/whl .lease/cache .lease/files
