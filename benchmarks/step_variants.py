@@ -8,7 +8,10 @@ On an H200 the fp32 step (batch 32, 1x100x100, 73 GFLOP forward and backward) ta
 helps: the convolutions themselves are slow. Variants, each from the same weights over the
 same batches:
 
-- fp32: what the engines run today;
+- fp32: what the engines run today, then again: the second run's drift is what the GPU's
+  own nondeterminism (cuDNN's atomics) gives, the floor under every other variant's;
+- cudnn.deterministic: fp32 with deterministic convolution algorithms only (GPU only),
+  what bitwise-reproducible GPU runs would cost;
 - cudnn.benchmark: autotuned convolution algorithms (GPU only);
 - channels_last: NHWC tensors, the layout tensor-core convolutions want;
 - bf16 autocast: convolutions and matmuls in bfloat16 (changes the numbers);
@@ -63,10 +66,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def eager(device: torch.device, batches, *, bench=False, cl=False, bf16=False):
+def eager(device: torch.device, batches, *, bench=False, cl=False, bf16=False, det=False):
     """ms per step over ``batches`` after one warm-up step, and the final weights."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bench
+        torch.backends.cudnn.deterministic = det
     model = _model(device, cl)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -86,7 +90,7 @@ def eager(device: torch.device, batches, *, bench=False, cl=False, bf16=False):
     for x, y in batches[1:]:
         step(x, y)
     _sync(device)
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = False
     return 1e3 * (time.perf_counter() - t0) / (len(batches) - 1), _weights(model)
 
 
@@ -136,6 +140,8 @@ def main() -> int:
     gpu = device.type == "cuda"
     variants: dict[str, Callable[[], tuple[float, torch.Tensor]]] = {
         "fp32": lambda: eager(device, batches),
+        "fp32 again": lambda: eager(device, batches),
+        "cudnn.deterministic": lambda: eager(device, batches, det=True),
         "cudnn.benchmark": lambda: eager(device, batches, bench=True),
         "channels_last": lambda: eager(device, batches, cl=True),
         "bf16 autocast": lambda: eager(device, batches, bf16=True),
@@ -143,7 +149,7 @@ def main() -> int:
         "CUDA graph": lambda: graphed(device, batches),
     }
     if not gpu:
-        for name in ("cudnn.benchmark", "all three", "CUDA graph"):
+        for name in ("cudnn.deterministic", "cudnn.benchmark", "all three", "CUDA graph"):
             variants.pop(name)
     start = _weights(_model(device, False))
     rows, base = [], None

@@ -39,14 +39,15 @@ TASKS=${TASKS:-meningioma glioma pathology}  # steps 1 and 4
 JOBS=${JOBS:-$([[ $DEVICE == cpu ]] && echo 1 || echo 3)}
 SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 
-# Expected time, before anything runs. Measured on one H200 (docs/BENCHMARKS.md): a
-# meningioma task-seed alone takes 237 s (3.6 s per round, then ~25 s of attacks and
-# explanations); three at once 421-430 s each, 1.7x the throughput, and six at once no
-# more than three. On 2 CPU cores ~6 h per task-seed (../shared/reference/BASELINES.md).
+# Expected time, before anything runs. Measured on H200s (docs/BENCHMARKS.md): a
+# meningioma task-seed alone takes 210-237 s (3.4-3.9 s per round, then ~25 s of attacks
+# and explanations); three at once 421-447 s each (glioma, pathology), 1.7x the
+# throughput, and six at once no more than three. On 2 CPU cores ~6 h per task-seed
+# (../shared/reference/BASELINES.md).
 cat <<EOF
 reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, $JOBS run(s) at once in step 1, data $DATA_ROOT, output $OUT
-expected on one H200: step 1 ~25 min (3 tasks x 3 seeds, three at once; pathology's
-clients are 1.4x meningioma's, not yet measured at this schedule), step 2 ~30 min, step 3
+expected on one H200: step 1 ~23 min (3 tasks x 3 seeds, three at once: 7-7.5 min per
+task, measured), step 2 ~30 min, step 3
 ~2 h (14 settings x 3 seeds on meningioma; 8 train, 6 attack a cached federation), step 4
 ~30 min (9 task-seeds; meningioma's federations are step 3's, from the cache); on 2 CPU
 cores: days. Steps 3 and 4 with SENSITIVITY=scenarios/sensitivity_cpu.toml on 2 CPU cores

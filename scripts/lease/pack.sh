@@ -12,7 +12,8 @@
 #   which a loader reads before it looks in its cache) travel whole in .lease/files. The
 #   check below and the one there compare the images themselves, so a mismatch stops the
 #   lease before any run.
-# PCam's decoded 2150 patches (53 MB compressed) do not fit beside the MRI tasks.
+# PCam's decoded 2150 patches (49 MB compressed) do not fit beside the MRI tasks: pack
+# `pathology` alone (the 2026-12-04 lease: 54 MB with the wheels, under the 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
