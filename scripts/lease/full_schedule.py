@@ -110,7 +110,7 @@ def install(log: Path) -> dict[str, str]:
     return {"PYTHONPATH": f"{SITE}:{REPO}"}
 
 
-def restore_data(manifest: dict, cache: Path, log: Path) -> None:
+def restore_data(manifest: dict, cache: Path, log: Path, lease: Path = LEASE) -> None:
     root = Path(manifest["data_root"])
     made = 0
     for rel, size, mtime in manifest["files"]:
@@ -121,8 +121,10 @@ def restore_data(manifest: dict, cache: Path, log: Path) -> None:
                 raise SystemExit(f"{p} exists and differs from the packed data: not touched")
             continue
         p.parent.mkdir(parents=True, exist_ok=True)
-        whole = LEASE / "files" / rel
+        whole = lease / "files" / rel
         if whole.is_file():  # a label list: the loader reads it
+            if whole.stat().st_size != size:
+                raise SystemExit(f"{whole} is not the packed {rel}: size differs")
             shutil.copyfile(whole, p)
         else:
             with p.open("wb") as fh:
@@ -130,7 +132,7 @@ def restore_data(manifest: dict, cache: Path, log: Path) -> None:
         os.utime(p, ns=(mtime, mtime))
         made += 1
     cache.mkdir(parents=True, exist_ok=True)
-    for xz in sorted((LEASE / "cache").glob("*.pt.xz")):
+    for xz in sorted((lease / "cache").glob("*.pt.xz")):
         target = cache / xz.name[: -len(".xz")]
         if not target.is_file():
             with lzma.open(xz) as src, target.open("wb") as dst:
