@@ -47,9 +47,9 @@ SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 cat <<EOF
 reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, $JOBS run(s) at once in step 1, data $DATA_ROOT, output $OUT
 expected on one H200: step 1 ~23 min (3 tasks x 3 seeds, three at once: 7-7.5 min per
-task, measured), step 2 ~30 min, step 3
-~2 h (14 settings x 3 seeds on meningioma; 8 train, 6 attack a cached federation), step 4
-~30 min (9 task-seeds; meningioma's federations are step 3's, from the cache); on 2 CPU
+task, measured), step 2 ~30 min, step 3 ~2 h (14 settings x 3 seeds on meningioma; 8
+train, 6 attack a cached federation), step 4 ~30 min (9 task-seeds; meningioma's
+federations are step 3's, from the cache); on 2 CPU
 cores: days. Steps 3 and 4 with SENSITIVITY=scenarios/sensitivity_cpu.toml on 2 CPU cores
 (measured): ~13 min per trained setting, ~7 min per cached one, about 2.5 h for step 3;
 ~17 min per task-seed for step 4.

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from testbed.pluginmanager import build_host
+from testbed.scenario_load import load_scenario
+
 _spec = importlib.util.spec_from_file_location(
     "full_schedule", REPO / "scripts" / "lease" / "full_schedule.py"
 )
@@ -95,3 +98,19 @@ def test_read_rounds_takes_the_round_lines_of_the_log(tmp_path: Path) -> None:
     os.rename(folder, tmp_path / "glioma-seed0")  # finished: the run folder's log is read
     run.read_rounds(tmp_path)
     assert len(run.stamps) == 2
+
+
+def test_the_data_check_passes_what_was_packed_and_refuses_anything_else(tmp_path: Path) -> None:
+    """The sparse stamps key the cache by name, size and mtime alone: this check, on the
+    images the loader actually returns, is what stops a lease from training on other data."""
+    scenario = REPO / "scenarios" / "quickstart.toml"
+    (task,) = [t.name for t in load_scenario(scenario, build_host().registry).task_list()]
+    packed = driver.task_signatures(scenario, tmp_path, [task])
+    assert packed[task]["shape"] == [1200, 1, 32, 32] and packed[task]["folder"] is None
+    manifest = {"data_root": str(tmp_path), "tasks": packed}
+    assert driver.check_data(manifest, scenario) is None
+    for key, wrong in (("sum", packed[task]["sum"] + 1), ("labels", 0)):
+        other = {"data_root": str(tmp_path), "tasks": {task: {**packed[task], key: wrong}}}
+        assert "packed" in driver.check_data(other, scenario)
+    missing = {"data_root": str(tmp_path), "tasks": {**packed, "glioma": packed[task]}}
+    assert driver.check_data(missing, scenario).startswith("task glioma: loaded None")

@@ -140,23 +140,49 @@ def restore_data(manifest: dict, cache: Path, log: Path, lease: Path = LEASE) ->
     say(f"data: {made} stamp files made under {root}, caches in {cache}", log)
 
 
+def task_signatures(scenario: Path, root: Path, tasks: list[str]) -> dict[str, dict]:
+    """Each named task's data as the real loader gives it (shape, pixel sum, label count)
+    and the dataset folder under ``root`` whose files key its cache. pack.sh records these;
+    ``check_data`` compares them on the lent machine, where testbed is importable only
+    after the install, hence the imports here."""
+    import torch
+
+    from testbed.pluginmanager import build_host
+    from testbed.scenario_load import load_scenario
+
+    host = build_host()
+    out = {}
+    for t in load_scenario(scenario, host.registry).task_list():
+        if t.name in tasks:
+            ds = host.registry.build("datasets", t.data.name, t.data.params, data_root=root)
+            params = host.registry["datasets"].get(t.data.name).params
+            out[t.name] = {
+                "shape": list(ds.x.shape), "sum": int(ds.x.sum(dtype=torch.int64)),
+                "labels": int(ds.y.sum()),
+                "folder": getattr(params.model_validate(t.data.params), "path", None),
+            }  # fmt: skip
+    return out
+
+
+def check_data(manifest: dict, scenario: Path) -> str | None:
+    """What differs between the packed tasks and what the loader gives here, or None."""
+    got = task_signatures(scenario, Path(manifest["data_root"]), list(manifest["tasks"]))
+    for name, packed in manifest["tasks"].items():
+        if got.get(name) != packed:
+            return f"task {name}: loaded {got.get(name)}, packed {packed}"
+    return None
+
+
 VERIFY = """
 import json, sys
 from pathlib import Path
-import torch
-from testbed.pluginmanager import build_host
-from testbed.scenario_load import load_scenario
-m = json.loads(Path(sys.argv[1]).read_text())
-host = build_host()
-for t in load_scenario(Path(sys.argv[2]), host.registry).task_list():
-    if t.name in m["tasks"]:
-        root = Path(m["data_root"])
-        ds = host.registry.build("datasets", t.data.name, t.data.params, data_root=root)
-        x, y = ds.x, ds.y
-        got = {"shape": list(x.shape), "sum": int(x.sum(dtype=torch.int64)), "labels": int(y.sum())}
-        if got != m["tasks"][t.name]:
-            sys.exit(f"task {t.name}: loaded {got}, packed {m['tasks'][t.name]}")
-        print(f"task {t.name}: {got} as packed")
+sys.path.insert(0, sys.argv[3])
+from full_schedule import check_data
+manifest = json.loads(Path(sys.argv[1]).read_text())
+problem = check_data(manifest, Path(sys.argv[2]))
+if problem:
+    sys.exit(problem)
+print(f"every task loads as packed: {manifest['tasks']}")
 """
 
 
@@ -190,7 +216,8 @@ def main() -> int:
     manifest = json.loads((LEASE / "stamps.json").read_text())
     restore_data(manifest, Path(env.get("TESTBED_CACHE_DIR", "~/.cache/testbed")).expanduser(), log)
     check = subprocess.run(
-        [sys.executable, "-c", VERIFY, str(LEASE / "stamps.json"), args.scenario],
+        [sys.executable, "-c", VERIFY, str(LEASE / "stamps.json"), args.scenario,
+         str(Path(__file__).parent)],
         env=env, cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     say((check.stdout + check.stderr).strip(), log)

@@ -34,24 +34,17 @@ python3 -m pip download -q "${py312[@]}" -d .lease/whl "${pins[@]}"
 TESTBED_CACHE_DIR=$PWD/.lease/cache-raw "$BIN/python" - "$DATA_ROOT" $TASKS <<'PY'
 import json, shutil, sys
 from pathlib import Path
-import torch
+
+sys.path.insert(0, "scripts/lease")
+from full_schedule import task_signatures
 
 IMAGES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-from testbed.pluginmanager import build_host
-from testbed.scenario_load import load_scenario
-
 root, tasks = Path(sys.argv[1]), sys.argv[2:]
-host = build_host()
-scenario = load_scenario(Path("scenarios/paper_baseline.toml"), host.registry)
-out = {"data_root": str(root), "tasks": {}, "files": []}
-folders = set()
-for t in scenario.task_list():
-    if t.name in tasks:
-        ds = host.registry.build("datasets", t.data.name, t.data.params, data_root=root)
-        out["tasks"][t.name] = {"shape": list(ds.x.shape), "sum": int(ds.x.sum(dtype=torch.int64)),
-                                "labels": int(ds.y.sum())}
-        params = host.registry["datasets"].get(t.data.name).params.model_validate(t.data.params)
-        folders.add(params.path)
+sigs = task_signatures(Path("scenarios/paper_baseline.toml"), root, tasks)
+if set(tasks) - set(sigs):
+    sys.exit(f"no such task in paper_baseline.toml: {sorted(set(tasks) - set(sigs))}")
+out = {"data_root": str(root), "tasks": sigs, "files": []}
+folders = {s["folder"] for s in sigs.values()}
 for folder in sorted(folders):
     for f in sorted((root / folder).rglob("*")):
         if f.is_file():
