@@ -12,6 +12,9 @@ a paper_baseline client holds about 297).
 - "bare": SGD over the client's batches with nothing else (the floor).
 - "inprocess": `testbed.local_training.client_step`, the in-process engine's step for one
   client (weights in, generator, hooks, local_sgd, update out).
+- "captured": the same with ``capture = "cuda-graph"`` (`testbed.captured.CapturedSGD`:
+  the step replayed as one CUDA graph; on CPU its eager form, which costs the copies in
+  and out of the run's own model).
 - "stacked" vs "sequential": three clients' local training by the batched engine
   (`testbed.batched.train_stacked`) and by three `local_sgd` calls.
 - "sequential" vs "stacked" with the paper CNN's dropout 0.25: the batched engine with
@@ -31,6 +34,7 @@ from workloads import QUICK, ROUNDS, SEED, WARMUP
 
 from testbed.batched import train_stacked
 from testbed.builtins.models import PaperCNNParams, build_paper_cnn
+from testbed.captured import CapturedSGD
 from testbed.local_training import (
     ClientData,
     LocalConfig,
@@ -85,7 +89,7 @@ def _run(benchmark, fn) -> None:
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["bare", "inprocess"])
+@pytest.mark.parametrize("impl", ["bare", "inprocess", "captured"])
 def test_one_client_step(benchmark, impl):
     benchmark.group = "one client, one local epoch"
     model, data = _model(), _client(0)
@@ -103,7 +107,12 @@ def test_one_client_step(benchmark, impl):
     def inprocess() -> None:
         client_step(model, start, data, CFG, ctx, hooks)
 
-    _run(benchmark, bare if impl == "bare" else inprocess)
+    trainer = CapturedSGD(capture=DEVICE.type == "cuda")  # one per run, as the engine's
+
+    def captured() -> None:
+        client_step(model, start, data, CFG, ctx, hooks, trainer)
+
+    _run(benchmark, {"bare": bare, "inprocess": inprocess, "captured": captured}[impl])
 
 
 @pytest.mark.parametrize("impl", ["sequential", "stacked"])

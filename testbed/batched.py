@@ -35,24 +35,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from testbed.data import augment
 from testbed.federation import FederationState, finish_round, round_context
-from testbed.local_training import ClientData, LocalConfig, client_step, seeded, set_weights
+from testbed.local_training import (
+    ClientData,
+    LocalConfig,
+    batches,
+    client_step,
+    seeded,
+    set_weights,
+)
 from testbed.state import ClientUpdate, RoundContext, derive_seed
-
-
-def _batches(
-    data: ClientData, cfg: LocalConfig, g: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The client's batches in `local_sgd`'s order, drawing from ``g`` exactly as it does."""
-    aug = cfg.augment
-    device = data.x_train.device
-    for _ in range(cfg.epochs):
-        order = torch.randperm(data.n_train, generator=g).to(device)
-        for start in range(0, data.n_train, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            x = data.x_train[idx].float().div_(255)
-            yield augment(x, g, aug.hflip, aug.vflip, aug.rotate_degrees), data.y_train[idx]
 
 
 def _has_dropout(model: nn.Module) -> bool:
@@ -105,7 +97,7 @@ def train_stacked(
 
     randomness = "different" if stacked_dropout else "error"
     losses = vmap(client_loss, in_dims=(0, 0, 0, 0, 0), randomness=randomness)
-    pending = [_Pending(_batches(d, cfg, g)) for d, g in zip(data, generators, strict=True)]
+    pending = [_Pending(batches(d, cfg, g)) for d, g in zip(data, generators, strict=True)]
     x0 = data[0].x_train
     shape = (len(data), cfg.batch_size, *x0.shape[1:])
     # summed on the device, as local_sgd does: reading each step's loss back to the host

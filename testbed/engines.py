@@ -16,9 +16,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from testbed.captured import CapturedSGD
 from testbed.federation import Aggregator, FederationState, UpdatePolicy, run_round
-from testbed.local_training import ClientData, LocalConfig
+from testbed.local_training import ClientData, LocalConfig, Trainer, local_sgd
 from testbed.pluginmanager import Host
+from testbed.rundir import RunError
 from testbed.scenario import Scenario, Task
 
 RoundStep = Callable[[FederationState, Callable[[int], None]], FederationState]
@@ -56,17 +58,31 @@ class Engine(Protocol):
 
 
 class InProcess:
+    """Engine "inprocess"; with ``capture`` its plain local training replays one CUDA graph
+    per run (`testbed.captured`)."""
+
     name = "inprocess"
+
+    def __init__(self, *, capture: bool = False) -> None:
+        self.capture = capture
 
     def round_step(self, setup: TrainingSetup) -> RoundStep:
         fed = setup.scenario.federation
+        trainer: Trainer = local_sgd
+        if self.capture:
+            if setup.device.type != "cuda":
+                raise RunError(
+                    f'engine inprocess with capture = "cuda-graph" needs a CUDA device; this '
+                    f"run's device is {setup.device} (set federation.device or drop the param)"
+                )
+            trainer = CapturedSGD(capture=True)
 
         def step(state: FederationState, on_client_done: Callable[[int], None]) -> FederationState:
             return run_round(
                 state, setup.model, setup.clients, setup.cfg, setup.aggregator, setup.host.hook,
                 seed=setup.seed, rounds=fed.rounds, m=fed.m, policy=setup.policy,
                 on_client_done=on_client_done, threat=setup.threat,
-                sampling=fed.client_sampling, server=setup.server,
+                sampling=fed.client_sampling, server=setup.server, trainer=trainer,
             )  # fmt: skip
 
         return step

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from testbed.local_training import ClientData, LocalConfig, client_step
+from testbed.local_training import ClientData, LocalConfig, Trainer, client_step, local_sgd
 from testbed.pluginmanager import PluginError, implementers_text
 from testbed.state import (
     ENGINE_KEYS,
@@ -315,12 +315,14 @@ def run_round(
     threat: Any = None,
     sampling: str = "fixed",
     server: Any = None,
+    trainer: Trainer = local_sgd,
 ) -> FederationState:
     """One round with every sampled client trained in this process, one after another."""
     ctx = round_context(state, clients, seed=seed, rounds=rounds, m=m, sampling=sampling)
     updates = []
     for cid in ctx.sampled:
-        updates.append(client_step(model, state.client_weights[cid], clients[cid], cfg, ctx, hooks))
+        received = state.client_weights[cid]
+        updates.append(client_step(model, received, clients[cid], cfg, ctx, hooks, trainer))
         if on_client_done:
             on_client_done(cid)
     return finish_round(

@@ -7,6 +7,7 @@ update; nothing is kept between calls, so any engine can drive it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -70,27 +71,40 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
+def batches(
+    data: ClientData, cfg: LocalConfig, g: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The client's local training batches, shuffled and augmented, drawn from ``g``: every
+    engine trains on exactly these (the batched one client by client, in the same order)."""
+    aug = cfg.augment
+    device = data.x_train.device
+    for _ in range(cfg.epochs):
+        order = torch.randperm(data.n_train, generator=g).to(device)
+        for start in range(0, data.n_train, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x = data.x_train[idx].float().div_(255)
+            yield augment(x, g, aug.hflip, aug.vflip, aug.rotate_degrees), data.y_train[idx]
+
+
+Trainer = Callable[[nn.Module, ClientData, LocalConfig, torch.Generator], float]
+"""Plain local training, (model, data, config, generator) -> mean loss: `local_sgd`, or an
+engine's faster equivalent (`testbed.captured.CapturedSGD`)."""
+
+
 def local_sgd(model: nn.Module, data: ClientData, cfg: LocalConfig, g: torch.Generator) -> float:
     """Plain local training: SGD over shuffled, augmented batches; returns the mean loss."""
     device = data.x_train.device
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    n = data.n_train
     loss_sum, seen = torch.zeros((), device=device), 0
-    aug = cfg.augment
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=g).to(device)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            x = data.x_train[idx].float().div_(255)
-            x = augment(x, g, aug.hflip, aug.vflip, aug.rotate_degrees)
-            loss = nn.functional.cross_entropy(model(x), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(idx)
-            seen += len(idx)
+    for x, y in batches(data, cfg, g):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
     return float(loss_sum) / max(seen, 1)
 
 
@@ -101,15 +115,17 @@ def client_step(
     cfg: LocalConfig,
     ctx: RoundContext,
     hooks: Any,
+    trainer: Trainer = local_sgd,
 ) -> ClientUpdate:
-    """Local training from the weights the client received; returns its (hooked) update."""
+    """Local training from the weights the client received; returns its (hooked) update.
+    ``trainer`` does the plain training a `testbed_local_training` plugin does not take over."""
     set_weights(model, received)
     model.train()
     g = ctx.generator("local", data.client_id)
     with seeded(derive_seed(ctx.seed, ctx.round, "dropout", data.client_id), received.device):
         loss = hooks.testbed_local_training(ctx=ctx, model=model, data=data, cfg=cfg, generator=g)
         if loss is None:
-            loss = local_sgd(model, data, cfg, g)
+            loss = trainer(model, data, cfg, g)
         elif isinstance(loss, bool) or not isinstance(loss, int | float | torch.Tensor):
             raise PluginError(
                 f"plugin {implementers_text(hooks, 'testbed_local_training')} returned "

@@ -311,6 +311,9 @@ def engine_line(metrics: dict[str, Any]) -> str:
     if params.get("dropout") == "stacked":
         line += ": dropout masks drawn stacked, so this is the in-process training in "
         line += "distribution, not its numbers"
+    if params.get("capture") == "cuda-graph":
+        line += ": local training replayed as a captured CUDA graph, the eager run's "
+        line += "arithmetic but not bitwise its numbers"
     return line
 
 

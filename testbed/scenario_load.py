@@ -54,6 +54,13 @@ def _fill_component_defaults(doc: dict[str, Any]) -> None:
         doc.setdefault(section, {})
         if isinstance(doc[section], dict):
             doc[section].setdefault("name", name)
+    # the engine too, so that its params are always resolved: a scenario without [engine]
+    # and its own scenario.json read back (--resume) must be the same scenario
+    engine = doc.setdefault("engine", {})
+    if isinstance(engine, str):
+        doc["engine"] = {"name": engine}
+    elif isinstance(engine, dict):
+        engine.setdefault("name", "inprocess")
 
 
 def _check_components(file: str, doc: dict[str, Any], registry: Registry) -> list[Problem]:

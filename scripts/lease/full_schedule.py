@@ -11,9 +11,11 @@ no package index and none of ../shared. This driver:
    mtimes, and the label lists whole (never over a real file that differs); then loads
    every task through the real loader and compares shape, pixel sum and label count
    with what pack.sh recorded, and stops before any run if one differs;
-3. with --bench, times the engines' training step on the GPU
-   (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda) and the step's faster variants
-   (benchmarks/step_variants.py: cudnn.benchmark, channels-last, bf16, CUDA graph);
+3. with --bench, runs the captured step's GPU tests (tests/test_captured.py), times the
+   engines' training step on the GPU (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda:
+   eager, captured, stacked) and the step's faster variants (benchmarks/step_variants.py:
+   cudnn.benchmark, channels-last, bf16, CUDA graph); with
+   ``--set engine.params.capture=cuda-graph`` the runs replay the captured step;
 4. runs one `testbed run` per task and seed at once (a paper CNN at batch 32 leaves an
    H200 mostly idle, so concurrent processes share it) and watches each run's log: once
    every run has three rounds, a run predicted to end after the deadline costs the others
@@ -228,6 +230,15 @@ def main() -> int:
         say(f"device: {smi.stdout.strip() or smi.stderr.strip()}", log)
 
     if args.bench:
+        try:  # the GPU-only tests of the captured step (tests/test_captured.py)
+            r = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 "tests/test_captured.py"],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=90,
+            )  # fmt: skip
+            say(r.stdout[-3000:] + r.stderr[-1000:], log)
+        except subprocess.TimeoutExpired:
+            say("GPU tests stopped at 90 s", log)
         bench = dict(env, BENCH_DEVICE="cuda", BENCH_CLIENT_SIZE="288", BENCH_ROUNDS="5",
                      BENCH_WARMUP="2")  # fmt: skip
         try:

@@ -42,6 +42,15 @@ class FlowerSimulation:
         return simulate(scenario, device, body)
 
 
+class InProcessParams(Params):
+    capture: Literal["none", "cuda-graph"] = Field(
+        "none",
+        description='"cuda-graph": plain local training replays one captured CUDA graph per '
+        "run, faster where kernel launches bound the step (needs a CUDA device; GPU runs are "
+        "not bitwise repeatable, so such a run has its own cache entries)",
+    )
+
+
 class BatchedParams(Params):
     dropout: Literal["exact", "stacked"] = Field(
         "exact",
@@ -54,7 +63,10 @@ class BatchedParams(Params):
 @hookimpl
 def testbed_register_engines(registry: KindRegistry) -> None:
     registry.add(
-        "inprocess", lambda p: Direct(InProcess()), description="Clients one after another here"
+        "inprocess",
+        lambda p: Direct(InProcess(capture=p.capture == "cuda-graph")),
+        params=InProcessParams,
+        description="Clients one after another here",
     )
     registry.add(
         "batched",

@@ -47,9 +47,10 @@ def _run(grid: Grid, context: Context) -> None:
     host = build_host(extra_modules=modules)
     overrides = [s for s in str(cfg.get("set", "")).split(";") if s.strip()]
     scenario = load_scenario(str(cfg["scenario"]), host.registry, overrides)
-    scenario = scenario.model_copy(
-        update={"engine": scenario.engine.model_copy(update={"name": "flower"})}
-    )
+    if scenario.engine.name != "flower":  # another engine's params do not apply here
+        params = host.registry["engines"].components["flower"].params()
+        engine = {"name": "flower", "params": params.model_dump(mode="json")}
+        scenario = scenario.model_copy(update={"engine": scenario.engine.model_copy(update=engine)})
     out = Path(str(cfg["out"])) if cfg.get("out") else None
     data_root = Path(str(cfg["data-root"])) if cfg.get("data-root") else None
     result = run_scenario(
