@@ -18,7 +18,9 @@
 # Env: DATA_ROOT, DEVICE (default cuda), ENGINE (default inprocess; "batched" stacks the
 # clients where the model has no dropout), DROPOUT (with ENGINE=batched: "exact", the
 # default, or "stacked" to batch the paper CNN's dropout too: the same training in
-# distribution, not in-process numbers), BIN (default .venv/bin), STEPS ("1 2 3 4"),
+# distribution, not in-process numbers), CAPTURE (with ENGINE=inprocess: "cuda-graph"
+# replays local training as one captured CUDA graph per run; not bitwise the eager run's
+# numbers, its own cache entries), BIN (default .venv/bin), STEPS ("1 2 3 4"),
 # SENSITIVITY (steps 3 and 4's base scenario, default paper_baseline.toml; on CPU,
 # scenarios/sensitivity_cpu.toml: the same at 5 rounds x 4 local epochs, one seed),
 # SEEDS and TASKS (steps 1 and 4's, default "0 1 2" and all three tasks), JOBS (step 1's
@@ -33,6 +35,7 @@ DEVICE=${DEVICE:-cuda}
 ENGINE=${ENGINE:-inprocess}
 ENGINE_SETS=(--set "engine.name=$ENGINE")
 [[ -n "${DROPOUT:-}" ]] && ENGINE_SETS+=(--set "engine.params.dropout=$DROPOUT")
+[[ -n "${CAPTURE:-}" ]] && ENGINE_SETS+=(--set "engine.params.capture=$CAPTURE")
 STEPS=${STEPS:-1 2 3 4}
 SEEDS=${SEEDS:-0 1 2}                        # steps 1 and 4
 TASKS=${TASKS:-meningioma glioma pathology}  # steps 1 and 4
@@ -45,7 +48,7 @@ SENSITIVITY=${SENSITIVITY:-scenarios/paper_baseline.toml}
 # throughput, and six at once no more than three. On 2 CPU cores ~6 h per task-seed
 # (../shared/reference/BASELINES.md).
 cat <<EOF
-reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}, $JOBS run(s) at once in step 1, data $DATA_ROOT, output $OUT
+reproduce_paper: device $DEVICE, engine $ENGINE ${DROPOUT:+(dropout $DROPOUT)}${CAPTURE:+(capture $CAPTURE)}, $JOBS run(s) at once in step 1, data $DATA_ROOT, output $OUT
 expected on one H200: step 1 ~23 min (3 tasks x 3 seeds, three at once: 7-7.5 min per
 task, measured), step 2 ~30 min, step 3 ~2 h (14 settings x 3 seeds on meningioma; 8
 train, 6 attack a cached federation), step 4 ~30 min (9 task-seeds; meningioma's

@@ -98,7 +98,8 @@ def test_capture_on_a_cpu_run_is_a_one_line_error(tmp_path, capsys):
 @CUDA
 def test_on_a_gpu_the_replayed_graph_trains_as_the_eager_step_does():
     """Without dropout the graph replays the eager arithmetic: the same weights up to the
-    GPU's own run-to-run differences."""
+    GPU's own run-to-run differences (cuDNN's atomics, carried on by momentum: a loose
+    tolerance; a stale input or a step left out moves the weights by 1e-2 and more)."""
     trainer = CapturedSGD(capture=True)
     model = _model(0.0, "cuda")
     start = get_weights(model)
@@ -106,8 +107,8 @@ def test_on_a_gpu_the_replayed_graph_trains_as_the_eager_step_does():
         got, loss = _train(trainer, model, start, data, seed=c)
         want, want_loss = _train(local_sgd, _model(0.0, "cuda"), start, data, seed=c)
         assert not torch.equal(want, start)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        assert loss == pytest.approx(want_loss, rel=1e-4)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+        assert loss == pytest.approx(want_loss, rel=1e-3)
     assert trainer._graph is not None  # the full batches replayed a graph
 
 
@@ -126,8 +127,8 @@ def test_on_a_gpu_the_graphs_dropout_masks_follow_the_seed():
     with seeded(2, start.device):  # the same batches, other masks
         trainer(model, data, CFG, gen)
     c = get_weights(model)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert (a - c).abs().max() > 1e-3
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert (a - c).abs().max() > 1e-2
 
 
 @CUDA

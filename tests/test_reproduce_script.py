@@ -55,16 +55,24 @@ def _script(tmp_path, out, rc: int = 0, **env: str) -> list[list[str]]:
     return [shlex.split(line) for line in calls.read_text().splitlines()]
 
 
-def test_a_fresh_run_sets_the_engine_the_scenario_accepts(tmp_path):
+@pytest.mark.parametrize(
+    "env, param",
+    [
+        ({"ENGINE": "batched", "DROPOUT": "stacked"}, ("dropout", "stacked")),
+        ({"CAPTURE": "cuda-graph"}, ("capture", "cuda-graph")),  # ENGINE's default
+    ],
+)
+def test_a_fresh_run_sets_the_engine_the_scenario_accepts(tmp_path, env, param):
     out = tmp_path / "out"
-    (call,) = _script(tmp_path, out, ENGINE="batched", DROPOUT="stacked", SEEDS="2")
+    (call,) = _script(tmp_path, out, SEEDS="2", **env)
     assert call[:2] == ["run", "scenarios/paper_baseline.toml"]
     assert call[call.index("--out") + 1] == str(out / "baseline-meningioma-seed2")
     assert call[call.index("--task") + 1] == "meningioma"
+    engine = env.get("ENGINE", "inprocess")
     sets = [call[i + 1] for i, a in enumerate(call) if a == "--set"]
-    assert sets[:2] == ["engine.name=batched", "engine.params.dropout=stacked"]
+    assert sets[:2] == [f"engine.name={engine}", f"engine.params.{param[0]}={param[1]}"]
     scenario = load_scenario(REPO / call[1], build_host().registry, sets)
-    assert scenario.engine.name == "batched" and scenario.engine.params == {"dropout": "stacked"}
+    assert scenario.engine.name == engine and scenario.engine.params == dict([param])
     assert scenario.seeds() == [2]
     assert (out / "baseline-table.md").is_file()
 
