@@ -15,16 +15,20 @@ a paper_baseline client holds about 297).
 - "captured": the same with ``capture = "cuda-graph"`` (`testbed.captured.CapturedSGD`:
   the step replayed as one CUDA graph; on CPU its eager form, which costs the copies in
   and out of the run's own model).
+- "inprocess+augment", "captured+augment": both with the brain-MRI tasks' augmentation
+  (a flip per image, one rotation of up to 10 degrees per batch), which runs outside the
+  graph: its cost beside the step, and on a GPU its host-to-device copies.
 - "stacked" vs "sequential": three clients' local training by the batched engine
   (`testbed.batched.train_stacked`) and by three `local_sgd` calls.
 - "sequential" vs "stacked" with the paper CNN's dropout 0.25: the batched engine with
   ``dropout = "stacked"`` (one vmap with per-client masks) against three `local_sgd` calls.
-Augmentation off in all, and dropout 0 but in the last group, so every variant of a group
-does the same arithmetic.
+Augmentation off but where named, and dropout 0 but in the last group, so every other
+variant of a group does the same arithmetic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -51,6 +55,7 @@ SHAPE = (1, 16, 16) if QUICK else (1, 100, 100)
 N_TRAIN = 16 if QUICK else int(os.environ.get("BENCH_CLIENT_SIZE", "96"))
 DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
 CFG = LocalConfig(1, 32, 0.01, 0.9, 0.0, Augment(hflip=False))
+AUGMENTED = dataclasses.replace(CFG, augment=Augment(hflip=True, rotate_degrees=10))
 
 
 def _model(dropout: float = 0.0) -> nn.Module:
@@ -89,7 +94,9 @@ def _run(benchmark, fn) -> None:
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["bare", "inprocess", "captured"])
+@pytest.mark.parametrize(
+    "impl", ["bare", "inprocess", "captured", "inprocess+augment", "captured+augment"]
+)
 def test_one_client_step(benchmark, impl):
     benchmark.group = "one client, one local epoch"
     model, data = _model(), _client(0)
@@ -104,15 +111,18 @@ def test_one_client_step(benchmark, impl):
         set_weights(model, start)
         _bare(model.train(), data, torch.Generator().manual_seed(SEED))
 
+    name, _, augmented = impl.partition("+")
+    cfg = AUGMENTED if augmented else CFG
+
     def inprocess() -> None:
-        client_step(model, start, data, CFG, ctx, hooks)
+        client_step(model, start, data, cfg, ctx, hooks)
 
     trainer = CapturedSGD(capture=DEVICE.type == "cuda")  # one per run, as the engine's
 
     def captured() -> None:
-        client_step(model, start, data, CFG, ctx, hooks, trainer)
+        client_step(model, start, data, cfg, ctx, hooks, trainer)
 
-    _run(benchmark, {"bare": bare, "inprocess": inprocess, "captured": captured}[impl])
+    _run(benchmark, {"bare": bare, "inprocess": inprocess, "captured": captured}[name])
 
 
 @pytest.mark.parametrize("impl", ["sequential", "stacked"])

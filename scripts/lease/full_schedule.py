@@ -13,8 +13,9 @@ no package index and none of ../shared. This driver:
    with what pack.sh recorded, and stops before any run if one differs;
 3. with --bench, runs the captured step's GPU tests (tests/test_captured.py), times the
    engines' training step on the GPU (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda:
-   eager, captured, stacked) and the step's faster variants (benchmarks/step_variants.py:
-   cudnn.benchmark, channels-last, bf16, CUDA graph); with
+   eager and captured, each with and without augmentation, stacked) and the step's faster
+   variants (benchmarks/step_variants.py: cudnn.benchmark, channels-last, bf16, CUDA
+   graph); with
    ``--set engine.params.capture=cuda-graph`` the runs replay the captured step;
 4. runs one `testbed run` per task and seed at once (a paper CNN at batch 32 leaves an
    H200 mostly idle, so concurrent processes share it) and watches each run's log: once
