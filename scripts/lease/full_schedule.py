@@ -15,8 +15,8 @@ no package index and none of ../shared. This driver:
    engines' training step on the GPU (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda:
    eager and captured, each with and without augmentation, stacked) and the step's faster
    variants (benchmarks/step_variants.py: cudnn.benchmark, channels-last, bf16, CUDA
-   graph); with
-   ``--set engine.params.capture=cuda-graph`` the runs replay the captured step;
+   graph); with ``--set engine.params.capture=cuda-graph`` the runs replay the captured
+   step;
 4. runs one `testbed run` per task and seed at once (a paper CNN at batch 32 leaves an
    H200 mostly idle, so concurrent processes share it) and watches each run's log: once
    every run has three rounds, a run predicted to end after the deadline costs the others
