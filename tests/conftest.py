@@ -29,3 +29,11 @@ def data_root() -> Path:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(msg + ": they are mandatory in CI")
     pytest.skip(msg)
+
+
+@pytest.fixture
+def isolated_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No real data root, a private dataset cache, and a cwd where stray output shows."""
+    monkeypatch.delenv("TESTBED_DATA_ROOT", raising=False)
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)

@@ -1,144 +1,20 @@
-"""The catalogue of broken inputs: each is one line naming the file and the field or path,
-exit code 2, no traceback, and no run folder left behind.
-
-Broken scenarios are files in tests/broken/scenarios/, each opening with its expectation
-(see tests/broken/README.md). Broken data cannot be committed (no images in git), so the
-data cases build a small valid dataset in tmp_path, break one thing, and run on it.
-"""
+"""The broken-data catalogue. Broken data cannot be committed (no images in git), so each
+case builds a small valid dataset in tmp_path, breaks one thing, and runs on it."""
 
 from __future__ import annotations
 
-import csv
-import os
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
-from PIL import Image
+from broken_cli import SCENARIO_FILES, USER_ERROR, assert_no_run_folder, assert_reported, run_cli
+from tiny_layouts import MRI, PCAM, build_kaggle, build_mri, build_pcam, image
 
-from testbed.cli import main
-from testbed.runner import partial_dir
+pytestmark = pytest.mark.usefixtures("isolated_cli")
 
-BROKEN = REPO / "tests" / "broken" / "scenarios"
-SCENARIO_FILES = sorted(p for p in BROKEN.iterdir() if p.suffix in (".toml", ".json"))
-USER_ERROR = 2
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """No real data root, a private dataset cache, and a cwd where stray output shows."""
-    monkeypatch.delenv("TESTBED_DATA_ROOT", raising=False)
-    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-
-
-def header(path: Path) -> dict[str, list[str]]:
-    """`# key: value` lines at the top of the file (JSON: of NAME.json.expect)."""
-    source = path.with_name(path.name + ".expect") if path.suffix == ".json" else path
-    out: dict[str, list[str]] = {}
-    # Read as bytes: one catalogue entry is deliberately not UTF-8 below its header.
-    for line in source.read_bytes().decode("utf-8", errors="replace").splitlines():
-        if not line.startswith("#"):
-            break
-        key, sep, value = line[1:].partition(":")
-        if sep and key.strip() in ("expect", "expect-also", "stage", "xfail"):
-            out.setdefault(key.strip(), []).append(value.strip())
-    return out
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
-    rc = main(argv)
-    cap = capsys.readouterr()
-    text = cap.out + cap.err
-    assert "Traceback" not in text, text
-    return rc, text.splitlines()
-
-
-def assert_reported(lines: list[str], expected: list[str], names: list[str]) -> None:
-    """Each expected text on one output line that also names every one of `names`."""
-    for exp in expected:
-        assert any(exp in line and all(n in line for n in names) for line in lines), (
-            f"no line holds {exp!r} and names {names}; output:\n" + "\n".join(lines)
-        )
-
-
-def assert_no_run_folder(tmp_path: Path, out: Path) -> None:
-    assert not out.exists(), f"run folder {out} left behind"
-    assert not partial_dir(out).exists(), f"partial run folder {partial_dir(out)} left behind"
-    assert not (tmp_path / "reports").exists()
-
-
-def _scenario_param(path: Path):
-    meta = header(path)
-    assert meta.get("expect"), f"{path.name}: no `# expect:` line"
-    marks = [pytest.mark.xfail(strict=True, reason=r) for r in meta.get("xfail", [])]
-    return pytest.param(path, id=path.stem, marks=marks)
-
-
-def test_catalogue_is_big_enough():
-    assert len(SCENARIO_FILES) + len(DATA_CASES) >= 40
-
-
-@pytest.mark.parametrize("path", [_scenario_param(p) for p in SCENARIO_FILES])
-def test_broken_scenario(path, tmp_path, capsys):
-    meta = header(path)
-    expected = meta["expect"] + meta.get("expect-also", [])
-    at_run_only = meta.get("stage") == ["run"]
-
-    rc, lines = run_cli(["validate", str(path)], capsys)
-    if at_run_only:  # valid as written; only the data or the partition it meets is wrong
-        assert rc == 0, "\n".join(lines)
-    else:
-        assert_reported(lines, expected, [str(path)])
-        assert rc == USER_ERROR
-
-    out = tmp_path / "run"
-    rc, lines = run_cli(["run", str(path), "--out", str(out), "--no-progress"], capsys)
-    assert_reported(lines, expected, [str(path)])
-    assert rc == USER_ERROR
-    assert_no_run_folder(tmp_path, out)
-
-
-@pytest.mark.parametrize("kind", ["missing", "directory", "fifo", "device"])
-def test_unreadable_scenario_path(kind, tmp_path, capsys):
-    path = tmp_path / "scenario.toml"
-    expect = {
-        "missing": "file not found",
-        "directory": "cannot read: not a regular file (a directory)",
-        "fifo": "cannot read: not a regular file (a FIFO)",
-        "device": "cannot read: not a regular file (a character device)",
-    }[kind]
-    if kind == "directory":
-        path.mkdir()
-    elif kind == "fifo":
-        os.mkfifo(path)  # nobody writes: reading it would block forever
-    elif kind == "device":
-        path.symlink_to("/dev/zero")  # endless: reading it would fill the memory
-    for argv in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "run")]):
-        rc, lines = run_cli_within(argv, capsys, seconds=30)
-        assert_reported(lines, [expect], [str(path)])
-        assert rc == USER_ERROR
-    assert_no_run_folder(tmp_path, tmp_path / "run")
-
-
-def run_cli_within(argv: list[str], capsys, seconds: float) -> tuple[int, list[str]]:
-    """run_cli in a daemon thread: a CLI that blocks fails the test instead of hanging it."""
-    result: list[tuple[int, list[str]]] = []
-    worker = threading.Thread(target=lambda: result.append(run_cli(argv, capsys)), daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert result, f"testbed {' '.join(argv)} still running after {seconds} s"
-    return result[0]
-
-
-# --------------------------------------------------------------------------------------
-# Broken data, built at test time
-# --------------------------------------------------------------------------------------
 
 DATA_SCENARIO = """
 [scenario]
@@ -172,53 +48,6 @@ params = {{ eps = 0.03 }}
 plots = false
 save_weights = false
 """
-
-MRI = "brain-tumor-mri"
-PCAM = "pcam-sample"
-MRI_CLASSES = ("no_tumor", "meningioma_tumor", "glioma_tumor")
-
-
-def _image(path: Path, channels: int, seed: int, fmt: str) -> None:
-    rng = np.random.default_rng(seed)
-    shape = (8, 8) if channels == 1 else (8, 8, 3)
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, fmt)
-
-
-def build_mri(root: Path, per_class: int = 3) -> None:
-    """<root>/brain-tumor-mri/{Training,Testing}/<class>/*.jpg, grey 8x8."""
-    for s, split in enumerate(("Training", "Testing")):
-        for c, cls in enumerate(MRI_CLASSES):
-            folder = root / MRI / split / cls
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                _image(folder / f"{cls[:2]}{i}.jpg", 1, 100 * s + 10 * c + i, "JPEG")
-
-
-def _write_labels(path: Path, rows: list[list[str]]) -> None:
-    with path.open("w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-
-
-def build_pcam(root: Path, n: int = 8) -> None:
-    """<root>/pcam-sample/images/pNN.png (RGB 8x8) + labels.csv (id,label)."""
-    images = root / PCAM / "images"
-    images.mkdir(parents=True)
-    for i in range(n):
-        _image(images / f"p{i:02d}.png", 3, i, "PNG")
-    _write_labels(
-        root / PCAM / "labels.csv",
-        [["id", "label"]] + [[f"p{i:02d}", str(i % 2)] for i in range(n)],
-    )
-
-
-def build_kaggle(root: Path, n: int = 8) -> None:
-    """<root>/pcam-sample/train/pNN.tif + train_labels.csv (the Kaggle layout)."""
-    train = root / PCAM / "train"
-    train.mkdir(parents=True)
-    for i in range(n):
-        _image(train / f"p{i:02d}.tif", 3, i, "TIFF")
-    rows = [["id", "label"]] + [[f"p{i:02d}", str(i % 2)] for i in range(n)]
-    _write_labels(root / PCAM / "train_labels.csv", rows)
 
 
 def _rewrite_labels(root: Path, edit: Callable[[list[str]], list[str]]) -> None:
@@ -266,7 +95,7 @@ def _only_non_images(root: Path) -> None:
 
 
 def _extra_image(root: Path) -> None:
-    _image(root / PCAM / "images" / "p99.png", 3, 99, "PNG")
+    image(root / PCAM / "images" / "p99.png", 3, 99, "PNG")
 
 
 @dataclass(frozen=True)
@@ -593,3 +422,7 @@ def test_data_builders_make_valid_datasets(case, tmp_path, capsys):
     rc, lines = run_cli(argv, capsys)
     assert rc == 0, "\n".join(lines)
     assert (out / "metrics.json").is_file()
+
+
+def test_catalogue_is_big_enough():
+    assert len(SCENARIO_FILES) + len(DATA_CASES) >= 40
