@@ -1,5 +1,6 @@
-"""Tiny valid datasets in the on-disk layouts the real ones use (8x8 images, built at test
-time because no image is committed): the broken-data catalogue breaks one thing in each."""
+"""Tiny valid datasets in the on-disk layouts the real ones use, built at test time because
+no image is committed: 8x8 ones the broken-data catalogue breaks one thing in each, and the
+loaders' own trees (24x24 colour JPEGs, 96x96 PNGs, 16-bit and palette images)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.io import write_jpeg, write_png
 
 MRI = "brain-tumor-mri"
 PCAM = "pcam-sample"
@@ -55,3 +58,46 @@ def build_kaggle(root: Path, n: int = 8) -> None:
         image(train / f"p{i:02d}.tif", 3, i, "TIFF")
     rows = [["id", "label"]] + [[f"p{i:02d}", str(i % 2)] for i in range(n)]
     write_labels(root / PCAM / "train_labels.csv", rows)
+
+
+def tensor_image(seed: int, channels: int, size: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (channels, size, size), dtype=torch.uint8, generator=g)
+
+
+def make_brain_tree(root: Path, per_class: int = 3) -> Path:
+    """A tiny ImageFolder tree shaped like the Kaggle brain MRI set."""
+    seed = 0
+    for split in ("Training", "Testing"):
+        for cls in ("no_tumor", "meningioma_tumor", "glioma_tumor"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                seed += 1
+                write_jpeg(tensor_image(seed, 3), str(folder / f"image({i}).jpg"))
+    return root
+
+
+def make_pcam_png(root: Path, labels: list[int]) -> Path:
+    (root / "images").mkdir(parents=True)
+    with (root / "labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "label"])
+        for i, lab in enumerate(labels):
+            sid = f"{i:040x}"
+            write_png(tensor_image(i, 3, 96), str(root / "images" / f"{sid}.png"))
+            w.writerow([sid, lab])
+    return root
+
+
+def grey16(seed: int, size: int = 24) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 65536, (size, size), dtype=np.uint16)
+
+
+def to8(a: np.ndarray) -> np.ndarray:
+    return np.rint(a.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def palette_image(seed: int, size: int = 24) -> Image.Image:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
