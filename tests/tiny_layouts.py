@@ -69,7 +69,7 @@ def make_brain_tree(root: Path, per_class: int = 3) -> Path:
     """A tiny ImageFolder tree shaped like the Kaggle brain MRI set."""
     seed = 0
     for split in ("Training", "Testing"):
-        for cls in ("no_tumor", "meningioma_tumor", "glioma_tumor"):
+        for cls in MRI_CLASSES:
             folder = root / split / cls
             folder.mkdir(parents=True)
             for i in range(per_class):
@@ -80,13 +80,12 @@ def make_brain_tree(root: Path, per_class: int = 3) -> Path:
 
 def make_pcam_png(root: Path, labels: list[int]) -> Path:
     (root / "images").mkdir(parents=True)
-    with (root / "labels.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "label"])
-        for i, lab in enumerate(labels):
-            sid = f"{i:040x}"
-            write_png(tensor_image(i, 3, 96), str(root / "images" / f"{sid}.png"))
-            w.writerow([sid, lab])
+    rows = [["id", "label"]]
+    for i, lab in enumerate(labels):
+        sid = f"{i:040x}"
+        write_png(tensor_image(i, 3, 96), str(root / "images" / f"{sid}.png"))
+        rows.append([sid, str(lab)])
+    write_labels(root / "labels.csv", rows)
     return root
 
 

@@ -26,10 +26,11 @@ def load(folder: Path) -> tuple[str, dict, float]:
     return task, rep["attacks"], rep["acc_mean"]
 
 
-def curve(attacks: dict, entry: str, param: str) -> list[tuple[float, dict]]:
+def curve(attacks: dict, entry: str, param: str) -> list[tuple[float, str]]:
+    """The sweep's points as (value, attack label), in order of the value."""
     return sorted(
-        (float(a["sweep_point"][param]), a)
-        for a in attacks.values()
+        (float(a["sweep_point"][param]), label)
+        for label, a in attacks.items()
         if a.get("sweep_of") == entry and param in (a.get("sweep_point") or {})
     )
 
@@ -60,8 +61,7 @@ def main(folders: list[Path]) -> None:
     heads = [f"{t} lesion->healthy / healthy->lesion" for t in names]
     print("\n| attack | " + " | ".join(heads) + " |")
     print("|---|" + "---|" * len(runs))
-    for _, pt in curve(runs[0][1], "PGD-20", "eps"):
-        label = next(k for k, a in runs[0][1].items() if a is pt)
+    for _, label in curve(runs[0][1], "PGD-20", "eps"):
         cells = []
         for _, attacks, _ in runs:
             d = attacks[label]["direction"]
@@ -74,7 +74,7 @@ def main(folders: list[Path]) -> None:
             pts = curve(attacks, entry, param)
             xs = [x for x, _ in pts]
             for key, style in (("aasr_own", "-o"), ("aasr_benign", "--")):
-                ys = [a[key] for _, a in pts]
+                ys = [attacks[label][key] for _, label in pts]
                 ax.plot(xs, ys, style, color=colour, label=f"{task}, {key.removeprefix('aasr_')}")
         ax.set(title=f"{entry}: ASR vs {param}", xlabel=param, ylabel="ASR", ylim=(0, 1))
     axes[0].legend(fontsize=7)
