@@ -1,7 +1,7 @@
-"""paper_sweeps on one task over several seeds, one run per seed (RESULTS.md, "Fig. 2 and
-Fig. 3 ... three seeds on meningioma"): every swept attack's mean and 95% CI over the
-seeds, where each seed puts its alpha optimum, and Fig. 3's panels with a band of one
-standard deviation (drawn by testbed.plots, as `testbed run` draws a run's repeats).
+"""paper_sweeps on one task over several seeds, one run per seed (RESULTS.md, "Meningioma
+over three seeds"): every swept attack's mean and 95% CI over the seeds, where each seed
+puts its alpha optimum, and Fig. 3's panels with a band of one standard deviation (drawn
+by testbed.plots, as `testbed run` draws a run's repeats).
 
     python docs/results/sweeps-meningioma-3seeds-cpu2.py docs/results/sweeps-meningioma-cpu2 \
         docs/results/sweeps-meningioma-seeds12-cpu2/seed{1,2}
