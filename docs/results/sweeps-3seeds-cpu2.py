@@ -1,10 +1,11 @@
 """paper_sweeps on one task over several seeds, one run per seed (RESULTS.md, "Meningioma
-over three seeds"): every swept attack's mean and 95% CI over the seeds, where each seed
-puts its alpha optimum, and Fig. 3's panels with a band of one standard deviation (drawn
-by testbed.plots, as `testbed run` draws a run's repeats).
+over three seeds" and "Glioma and pathology over three seeds"): every swept attack's mean
+and 95% CI over the seeds, where each seed puts its alpha optimum, and Fig. 3's panels
+with a band of one standard deviation (drawn by testbed.plots, as `testbed run` draws a
+run's repeats) in results/sweeps-TASK-3seeds-cpu2/.
 
-    python docs/results/sweeps-meningioma-3seeds-cpu2.py docs/results/sweeps-meningioma-cpu2 \
-        docs/results/sweeps-meningioma-seeds12-cpu2/seed{1,2}
+    python docs/results/sweeps-3seeds-cpu2.py docs/results/sweeps-TASK-cpu2 \
+        docs/results/sweeps-TASK-seeds12-cpu2/seed{1,2}
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from pathlib import Path
 
 from testbed.metrics import mean_std
 from testbed.plots import sweep_figure, sweep_groups
-
-OUT = Path(__file__).with_suffix("")  # the figures' folder, beside this script
 
 
 def pooled(folders: list[Path]) -> tuple[str, dict]:
@@ -63,10 +62,11 @@ def main(folders: list[Path]) -> None:
     ]
     print(f"PGD-40 / PGD-20 cost per seed: {' / '.join(f'{x:.2f}' for x in ratios)}")
 
-    OUT.mkdir(exist_ok=True)
+    out = Path(__file__).parent / f"sweeps-{task}-3seeds-cpu2"
+    out.mkdir(exist_ok=True)
     for (entry, param), points in groups.items():
-        path = sweep_figure(f"{task}, seeds {seeds}", result, entry, param, points, OUT)
-        print(f"![{entry}: ASR vs {param}]({OUT.name}/{path.name})")
+        path = sweep_figure(f"{task}, seeds {seeds}", result, entry, param, points, out)
+        print(f"![{entry}: ASR vs {param}]({out.name}/{path.name})")
 
 
 if __name__ == "__main__":
