@@ -1,8 +1,9 @@
-"""paper_sweeps on one task over several seeds, one run per seed (RESULTS.md, "Meningioma
-over three seeds" and "Glioma and pathology over three seeds"): every swept attack's mean
-and 95% CI over the seeds, where each seed puts its alpha optimum, and Fig. 3's panels
-with a band of one standard deviation (drawn by testbed.plots, as `testbed run` draws a
-run's repeats) in results/sweeps-TASK-3seeds-cpu2/.
+"""paper_sweeps over several seeds, one run per task and seed (RESULTS.md, "Meningioma over
+three seeds" and "Glioma and pathology over three seeds"). Per task: every swept attack's
+mean and 95% CI over the seeds, each seed's label split and alpha optimum, and Fig. 3's
+panels with a band of one standard deviation (drawn by testbed.plots, as `testbed run`
+draws a run's repeats) in results/sweeps-TASK-3seeds-cpu2/. Given several tasks, it also
+prints their AASR side by side.
 
     python docs/results/sweeps-3seeds-cpu2.py docs/results/sweeps-TASK-cpu2 \
         docs/results/sweeps-TASK-seeds12-cpu2/seed{1,2}
@@ -18,16 +19,13 @@ from testbed.metrics import mean_std
 from testbed.plots import sweep_figure, sweep_groups
 
 
-def pooled(folders: list[Path]) -> tuple[str, dict]:
-    """One task's result with every run's repeats, as one run with several seeds has it."""
-    tasks, repeats = set(), []
+def pooled(folders: list[Path]) -> dict[str, dict]:
+    """Each task's result with all its runs' repeats, as one run with several seeds has it."""
+    results: dict[str, dict] = {}
     for folder in folders:
-        ((task, result),) = json.loads((folder / "metrics.json").read_text())["tasks"].items()
-        tasks.add(task)
-        repeats += result["repeats"]
-    if len(tasks) != 1:
-        raise SystemExit(f"runs of one task expected, got {sorted(tasks)}")
-    return tasks.pop(), {"repeats": repeats}
+        for task, result in json.loads((folder / "metrics.json").read_text())["tasks"].items():
+            results.setdefault(task, {"repeats": []})["repeats"] += result["repeats"]
+    return results
 
 
 def cell(values: list[float]) -> str:
@@ -37,8 +35,7 @@ def cell(values: list[float]) -> str:
     return f"{st['mean']:.1f} [{st['mean'] - st['ci95']:.1f}, {st['mean'] + st['ci95']:.1f}]"
 
 
-def main(folders: list[Path]) -> None:
-    task, result = pooled(folders)
+def report(task: str, result: dict) -> None:
     reps = result["repeats"]
     seeds = ", ".join(str(r["seed"]) for r in reps)
     print(f"{task}, seeds {seeds}: mean [95% CI, Student's t] over the seeds\n")
@@ -67,6 +64,29 @@ def main(folders: list[Path]) -> None:
     for (entry, param), points in groups.items():
         path = sweep_figure(f"{task}, seeds {seeds}", result, entry, param, points, out)
         print(f"![{entry}: ASR vs {param}]({out.name}/{path.name})")
+    # Seeds that draw the same label split on permuted clients vary less than the split does.
+    for r in reps:
+        split = sorted(tuple(c["train_label_counts"]) for c in r["clients"])
+        print(f"seed {r['seed']}: label counts per client {split}")
+    print()
+
+
+def side_by_side(results: dict[str, dict]) -> None:
+    print("| attack | " + " | ".join(f"{task} AASR" for task in results) + " |")
+    print("|---|" + "---|" * len(results))
+    reps = [result["repeats"] for result in results.values()]
+    print("| clean ACC | " + " | ".join(cell([r["acc_mean"] for r in rs]) for rs in reps) + " |")
+    for label in reps[0][0]["attacks"]:
+        cells = [cell([r["attacks"][label]["aasr"] for r in rs]) for rs in reps]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def main(folders: list[Path]) -> None:
+    results = pooled(folders)
+    for task, result in results.items():
+        report(task, result)
+    if len(results) > 1:
+        side_by_side(results)
 
 
 if __name__ == "__main__":
