@@ -1,9 +1,9 @@
 """paper_sweeps over several seeds, one run per task and seed (RESULTS.md, "Meningioma over
-three seeds" and "Glioma and pathology over three seeds"). Per task: every swept attack's
-mean and 95% CI over the seeds, each seed's label split and alpha optimum, and Fig. 3's
-panels with a band of one standard deviation (drawn by testbed.plots, as `testbed run`
-draws a run's repeats) in results/sweeps-TASK-3seeds-cpu2/. Given several tasks, it also
-prints their AASR side by side.
+three seeds", "Glioma over three seeds" and "Pathology's second seed"). Per task: every
+swept attack's mean and 95% CI over the seeds, each seed's label split and alpha optimum,
+and Fig. 3's panels with a band of one standard deviation (drawn by testbed.plots, as
+`testbed run` draws a run's repeats) in results/sweeps-TASK-3seeds-cpu2/. Given several
+tasks, it also prints their AASR side by side.
 
     python docs/results/sweeps-3seeds-cpu2.py docs/results/sweeps-TASK-cpu2 \
         docs/results/sweeps-TASK-seeds12-cpu2/seed{1,2}
@@ -64,7 +64,8 @@ def report(task: str, result: dict) -> None:
     for (entry, param), points in groups.items():
         path = sweep_figure(f"{task}, seeds {seeds}", result, entry, param, points, out)
         print(f"![{entry}: ASR vs {param}]({out.name}/{path.name})")
-    # Seeds that draw the same label split on permuted clients vary less than the split does.
+    # Seeds that repeat a split on permuted clients vary the initialisation and images, not the
+    # split's skew: print the splits so that a reader can tell.
     for r in reps:
         split = sorted(tuple(c["train_label_counts"]) for c in r["clients"])
         print(f"seed {r['seed']}: label counts per client {split}")
