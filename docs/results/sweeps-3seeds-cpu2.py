@@ -1,5 +1,5 @@
 """paper_sweeps over several seeds, one run per task and seed (RESULTS.md, "Meningioma over
-three seeds", "Glioma over three seeds" and "Pathology's second seed"). Per task: every
+three seeds", "Glioma over three seeds" and "Pathology over three seeds"). Per task: every
 swept attack's mean and 95% CI over the seeds, each seed's label split and alpha optimum,
 and Fig. 3's panels with a band of one standard deviation (drawn by testbed.plots, as
 `testbed run` draws a run's repeats) in results/sweeps-TASK-3seeds-cpu2/. Given several
