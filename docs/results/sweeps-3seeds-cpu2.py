@@ -2,17 +2,18 @@
 three seeds", "Glioma over three seeds" and "Pathology over three seeds"). Per task: every
 swept attack's mean and 95% CI over the seeds, each seed's label split and alpha optimum,
 and Fig. 3's panels with a band of one standard deviation (drawn by testbed.plots, as
-`testbed run` draws a run's repeats) in results/sweeps-TASK-3seeds-cpu2/. Given several
-tasks, it also prints their AASR side by side.
+`testbed run` draws a run's repeats) in results/sweeps-TASK-3seeds-cpu2/, or in
+results/NAME/ with --figures NAME (one task). Given several tasks, it also prints their AASR
+side by side.
 
     python docs/results/sweeps-3seeds-cpu2.py docs/results/sweeps-TASK-cpu2 \
-        docs/results/sweeps-TASK-seeds12-cpu2/seed{1,2}
+        docs/results/sweeps-TASK-seeds12-cpu2/seed{1,2} [--figures NAME]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from testbed.metrics import mean_std
@@ -35,18 +36,20 @@ def cell(values: list[float]) -> str:
     return f"{st['mean']:.1f} [{st['mean'] - st['ci95']:.1f}, {st['mean'] + st['ci95']:.1f}]"
 
 
-def report(task: str, result: dict) -> None:
+def report(task: str, result: dict, figures: str | None = None) -> None:
     reps = result["repeats"]
     seeds = ", ".join(str(r["seed"]) for r in reps)
     print(f"{task}, seeds {seeds}: mean [95% CI, Student's t] over the seeds\n")
-    print("| attack | AASR | AASR vs label | AETR | own - benign ASR, largest |")
-    print("|---|---|---|---|---|")
-    print(f"| clean ACC | {cell([r['acc_mean'] for r in reps])} | | | |")
+    heads = ("AASR", "AASR vs label", "AETR", "own - benign ASR, largest", "ASR own", "ASR benign")
+    print("| attack | " + " | ".join(heads) + " |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| clean ACC | {cell([r['acc_mean'] for r in reps])} | | | | | |")
     for label in reps[0]["attacks"]:
         per = [r["attacks"][label] for r in reps]
         gap = max(abs(a["aasr_own"] - a["aasr_benign"]) for a in per)
         cols = [cell([a[k] for a in per]) for k in ("aasr", "aasr_true", "aetr")]
-        print(f"| {label} | " + " | ".join(cols) + f" | {100 * gap:.1f} |")
+        own_benign = [cell([a[k] for a in per]) for k in ("aasr_own", "aasr_benign")]
+        print("| " + " | ".join([label, *cols, f"{100 * gap:.1f}", *own_benign]) + " |")
 
     groups = sweep_groups(result)
     alphas = groups[("PGD-20", "eps_step")]
@@ -59,7 +62,7 @@ def report(task: str, result: dict) -> None:
     ]
     print(f"PGD-40 / PGD-20 cost per seed: {' / '.join(f'{x:.2f}' for x in ratios)}")
 
-    out = Path(__file__).parent / f"sweeps-{task}-3seeds-cpu2"
+    out = Path(__file__).parent / (figures or f"sweeps-{task}-3seeds-cpu2")
     out.mkdir(exist_ok=True)
     for (entry, param), points in groups.items():
         path = sweep_figure(f"{task}, seeds {seeds}", result, entry, param, points, out)
@@ -82,13 +85,19 @@ def side_by_side(results: dict[str, dict]) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def main(folders: list[Path]) -> None:
-    results = pooled(folders)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders, one per seed")
+    parser.add_argument("--figures", help="figure folder under docs/results (one task)")
+    args = parser.parse_args()
+    results = pooled(args.folders)
+    if args.figures and len(results) > 1:
+        parser.error("--figures takes the runs of one task")
     for task, result in results.items():
-        report(task, result)
+        report(task, result, args.figures)
     if len(results) > 1:
         side_by_side(results)
 
 
 if __name__ == "__main__":
-    main([Path(p) for p in sys.argv[1:]])
+    main()
