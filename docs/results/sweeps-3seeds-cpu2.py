@@ -42,8 +42,8 @@ def report(task: str, result: dict, figures: str | None = None) -> None:
     print(f"{task}, seeds {seeds}: mean [95% CI, Student's t] over the seeds\n")
     heads = ("AASR", "AASR vs label", "AETR", "own - benign ASR, largest", "ASR own", "ASR benign")
     print("| attack | " + " | ".join(heads) + " |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| clean ACC | {cell([r['acc_mean'] for r in reps])} | | | | | |")
+    print("|---" * (len(heads) + 1) + "|")
+    print(f"| clean ACC | {cell([r['acc_mean'] for r in reps])} |" + " |" * (len(heads) - 1))
     for label in reps[0]["attacks"]:
         per = [r["attacks"][label] for r in reps]
         gap = max(abs(a["aasr_own"] - a["aasr_benign"]) for a in per)
