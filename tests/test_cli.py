@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import REPO
 
 from testbed.cli import main
@@ -56,6 +57,9 @@ def test_quickstart_end_to_end(tmp_path):
     assert main(["run", str(REPO / "scenarios" / "quickstart.toml"), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["schema_version"] == 1
+    # what decides whether another machine repeats the run bitwise
+    assert metrics["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert metrics["hardware"]["threads"] == torch.get_num_threads()
     task = metrics["tasks"]["synthetic"]
     assert len(task["repeats"]) == 3 and metrics["seeds"] == [0, 1, 2]
     # clean accuracy well above chance (two balanced classes)
