@@ -3,8 +3,8 @@ three seeds", "Glioma over three seeds" and "Pathology over three seeds"). Per t
 swept attack's mean and 95% CI over the seeds, each seed's label split and alpha optimum,
 and Fig. 3's panels with a band of one standard deviation (drawn by testbed.plots, as
 `testbed run` draws a run's repeats) in results/sweeps-TASK-3seeds-cpu2/, or in
-results/NAME/ with --figures NAME (one task). Given several tasks, it also prints their AASR
-side by side.
+results/NAME/ with --figures NAME (one task), or nowhere with --no-figures. Given several
+tasks, it also prints their AASR side by side.
 
     python docs/results/sweeps-3seeds-cpu2.py docs/results/sweeps-TASK-cpu2 \
         docs/results/sweeps-TASK-seeds12-cpu2/seed{1,2} [--figures NAME]
@@ -36,7 +36,7 @@ def cell(values: list[float]) -> str:
     return f"{st['mean']:.1f} [{st['mean'] - st['ci95']:.1f}, {st['mean'] + st['ci95']:.1f}]"
 
 
-def report(task: str, result: dict, figures: str | None = None) -> None:
+def report(task: str, result: dict, figures: str | None = None, draw: bool = True) -> None:
     reps = result["repeats"]
     seeds = ", ".join(str(r["seed"]) for r in reps)
     print(f"{task}, seeds {seeds}: mean [95% CI, Student's t] over the seeds\n")
@@ -62,11 +62,12 @@ def report(task: str, result: dict, figures: str | None = None) -> None:
     ]
     print(f"PGD-40 / PGD-20 cost per seed: {' / '.join(f'{x:.2f}' for x in ratios)}")
 
-    out = Path(__file__).parent / (figures or f"sweeps-{task}-3seeds-cpu2")
-    out.mkdir(exist_ok=True)
-    for (entry, param), points in groups.items():
-        path = sweep_figure(f"{task}, seeds {seeds}", result, entry, param, points, out)
-        print(f"![{entry}: ASR vs {param}]({out.name}/{path.name})")
+    if draw:
+        out = Path(__file__).parent / (figures or f"sweeps-{task}-3seeds-cpu2")
+        out.mkdir(exist_ok=True)
+        for (entry, param), points in groups.items():
+            path = sweep_figure(f"{task}, seeds {seeds}", result, entry, param, points, out)
+            print(f"![{entry}: ASR vs {param}]({out.name}/{path.name})")
     # Seeds that repeat a split on permuted clients vary the initialisation and images, not the
     # split's skew: print the splits so that a reader can tell.
     for r in reps:
@@ -80,21 +81,26 @@ def side_by_side(results: dict[str, dict]) -> None:
     print("|---|" + "---|" * len(results))
     reps = [result["repeats"] for result in results.values()]
     print("| clean ACC | " + " | ".join(cell([r["acc_mean"] for r in rs]) for rs in reps) + " |")
-    for label in reps[0][0]["attacks"]:
-        cells = [cell([r["attacks"][label]["aasr"] for r in rs]) for rs in reps]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    # Rows pair up by their place in the scenario: with eps scaled per task (the closest
+    # setting) the same row has another label on each task, and all of them are shown.
+    for row in zip(*(rs[0]["attacks"] for rs in reps), strict=True):
+        cells = [
+            cell([r["attacks"][lab]["aasr"] for r in rs]) for lab, rs in zip(row, reps, strict=True)
+        ]
+        print(f"| {' / '.join(dict.fromkeys(row))} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders, one per seed")
     parser.add_argument("--figures", help="figure folder under docs/results (one task)")
+    parser.add_argument("--no-figures", action="store_true", help="print the tables only")
     args = parser.parse_args()
     results = pooled(args.folders)
     if args.figures and len(results) > 1:
         parser.error("--figures takes the runs of one task")
     for task, result in results.items():
-        report(task, result, args.figures)
+        report(task, result, args.figures, draw=not args.no_figures)
     if len(results) > 1:
         side_by_side(results)
 
