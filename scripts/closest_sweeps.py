@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("seed", type=int)
     parser.add_argument("--scenario", type=Path, default=Path("scenarios/paper_sweeps.toml"))
     parser.add_argument("--out", help="run folder")
+    parser.add_argument("--data-root", default="../shared/datasets", help="the datasets' folder")
     parser.add_argument("--noise", type=float, default=0.002, help="dp noise multiplier z")
     args = parser.parse_args()
     scenario = tomllib.loads(args.scenario.read_text())
@@ -54,7 +55,7 @@ def main() -> None:
         *overrides(scenario, args.std),
     ]
     command = ["testbed", "run", str(args.scenario), "--task", args.task, "--device", "cpu"]
-    command += ["--data-root", "../shared/datasets", "--no-progress"]
+    command += ["--data-root", args.data_root, "--no-progress"]
     if args.out:
         command += ["--out", args.out]
     for value in sets:

@@ -35,7 +35,8 @@ def test_eps_and_alpha_scaled_steps_left_alone():
 
 def test_paper_sweeps_gives_the_meningioma_command_in_results():
     out = subprocess.run(
-        [sys.executable, "scripts/closest_sweeps.py", "meningioma", "0.2148", "1"],
+        [sys.executable, "scripts/closest_sweeps.py", "meningioma", "0.2148", "1",
+         "--data-root", "/d"],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     args = shlex.split(out)
@@ -45,3 +46,4 @@ def test_paper_sweeps_gives_the_meningioma_command_in_results():
     assert "attacks.1.sweep.eps=[0.002148, 0.004296, 0.006444, 0.01074, 0.02148]" in sets
     assert "evaluation.seeds=[1]" in sets and "dp.params.noise_multiplier=0.002" in sets
     assert args[:5] == ["testbed", "run", "scenarios/paper_sweeps.toml", "--task", "meningioma"]
+    assert args[args.index("--data-root") + 1] == "/d"
