@@ -299,6 +299,22 @@ def render(metrics: dict[str, Any], console: Console) -> None:
     hw = metrics["hardware"]
     device = hw.get("gpu", hw["device"])
     console.print(f"Device: {device}; total {_num(metrics['timing']['total_s']):.1f} s")
+    if note := hosts_note(metrics):
+        console.print(f"Note: {note}", highlight=False)
+
+
+def hosts_note(metrics: dict[str, Any]) -> str | None:
+    """One line where a resume moved the run between hosts (testbed/runner.py records
+    them), for every report: its numbers are then no single host's."""
+    hosts = metrics["hardware"].get("hosts") or []
+    if len(hosts) < 2:
+        return None
+    keys = sorted({k for h in hosts for k in h})
+    changed = [k for k in keys if len({str(h.get(k)) for h in hosts}) > 1]
+    return (
+        f"resumed on {len(hosts)} hosts ({', '.join(changed)} differ): each part is a "
+        "correct computation, but the whole repeats no single host's run bitwise"
+    )
 
 
 def engine_line(metrics: dict[str, Any]) -> str:
@@ -327,6 +343,8 @@ def markdown(metrics: dict[str, Any]) -> str:
         f"{_num(metrics['timing']['total_s']):.1f} s in total.",
         "",
     ]
+    if note := hosts_note(metrics):
+        lines += [f"Note: {note}.", ""]
     for t in run_tables(metrics):
         lines += [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |"]
         lines.append("|" + "---|" * len(t.headers))

@@ -25,7 +25,7 @@ from testbed.html_page import (
     tables_html,
     write_atomic,
 )
-from testbed.report import TableData, _num, run_tables
+from testbed.report import TableData, _num, hosts_note, run_tables
 from testbed.report_html_sections import (
     clients_table,
     events_table,
@@ -62,6 +62,8 @@ def run_page(run_dir: Path, metrics: dict[str, Any]) -> str:
         f"{hw.get('gpu', hw.get('device', '?'))}, torch {hw.get('torch', '?')}, "
         f"{total:.1f} s in total; folder {final_dir_of(run_dir.resolve()).name}"
     )
+    if note := hosts_note({"hardware": hw}):
+        subtitle += f"; {note}"
     page = Page(f"testbed report: {metrics['scenario']}", subtitle)
     page.section("At a glance", glance_html(metrics))
     tables = run_tables(metrics)

@@ -3,9 +3,9 @@
 A run writes into ``.NAME.partial`` and renames it to ``NAME`` only when complete, so a
 finished report is never half-written. One process at a time holds the folder (an
 advisory lock), and its manifest records what the run was started from (the scenario
-file's digest, the code, each task's data), so ``--resume`` refuses to mix in other
-data, other code or an edited scenario. A partial folder that holds any finished work is
-never deleted.
+file's digest, the code, each task's data, the host), so ``--resume`` refuses to mix in
+other data, other code or an edited scenario, and a report says where the host changed.
+A partial folder that holds any finished work is never deleted.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from testbed.fingerprint import code_fingerprint, data_fingerprint
 from testbed.pluginmanager import Host
 from testbed.progress import Bars, make_progress
 from testbed.repeat import Repeat, adversaries_of, run_repeat
+from testbed.report import hosts_note
 from testbed.rundir import (
     Checkpoints,
     RunError,
@@ -205,6 +206,15 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+# What decides a run's float path: the same seed repeats bitwise only where all of it is the same.
+FLOAT_PATH_KEYS = ("device", "gpu", "torch", "threads", "cpu_capability", "cpu_flags")
+
+
+def float_path(device: torch.device) -> dict[str, Any]:
+    hw = hardware(device)
+    return {k: hw[k] for k in FLOAT_PATH_KEYS if k in hw}
+
+
 def write_report(run_dir: Path, metrics: dict[str, Any]) -> str | None:
     """report.md, then report.html (testbed/report_html.py); the problem that kept
     report.html from being written, if any: a bug in the page must not cost a run."""
@@ -222,21 +232,32 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> str | None:
 
 
 def _start_or_check_manifest(
-    run_dir: Path, scenario: Scenario, code_fp: dict[str, str], resume: bool
-) -> None:
-    """A new run records what it starts from; a resumed one must match it."""
+    run_dir: Path, scenario: Scenario, code_fp: dict[str, str], resume: bool, host: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A new run records what it starts from; a resumed one must match its scenario, data
+    and code. The host may differ (a job moved off a preempted machine is legitimate), but
+    then the numbers are no single host's: every host it ran on is recorded and returned."""
     ckpt = Checkpoints(run_dir / "checkpoint")
     stored = run_dir / "scenario.json"
     if not resume:
         write_json(stored, resolved_dict(scenario))
-        ckpt.write_manifest({"scenario_sha256": file_digest(stored), "code": code_fp, "data": {}})
-        return
+        ckpt.write_manifest(
+            {"scenario_sha256": file_digest(stored), "code": code_fp, "data": {}, "hosts": [host]}
+        )
+        return [host]
     manifest = ckpt.read_manifest()
     hint = "start a new run"
     check_same("scenario.json", manifest.get("scenario_sha256"), file_digest(stored), hint)
     check_same(
         "code", manifest.get("code"), code_fp, "finish it with the code that started it, or " + hint
     )
+    hosts = manifest.get("hosts")
+    if not isinstance(hosts, list) or not hosts:
+        raise RunError(f"the run folder does not record its host; {hint}")
+    if hosts[-1] != host:
+        manifest["hosts"] = hosts = [*hosts, host]
+        ckpt.write_manifest(manifest)
+    return hosts
 
 
 def run_scenario(
@@ -268,10 +289,13 @@ def run_scenario(
         log.setLevel(logging.INFO)
         try:
             code_fp = code_fingerprint(host)
-            _start_or_check_manifest(run_dir, scenario, code_fp, resume)
+            hosts = _start_or_check_manifest(run_dir, scenario, code_fp, resume, float_path(device))
 
             def warn(message: str) -> None:
                 console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
+
+            if len(hosts) > 1:
+                warn(hosts_note({"hardware": {"hosts": hosts}}) or "resumed on another host")
 
             def run_tasks(engine: Engine) -> dict[str, Any]:
                 tasks = {}
@@ -296,7 +320,7 @@ def run_scenario(
                 "scenario": scenario.scenario.name,
                 "seeds": scenario.seeds(),
                 "tasks": tasks,
-                "hardware": hardware(device),
+                "hardware": hardware(device) | ({"hosts": hosts} if len(hosts) > 1 else {}),
                 "engine": scenario.engine.model_dump(mode="json"),
                 "timing": {"total_s": time.perf_counter() - t_start},
             }

@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_cli import TINY, strip_timing
 
+from testbed import runner
 from testbed.builtins.dataset_cache import cache_dir
 from testbed.cli import main
 
@@ -250,6 +251,7 @@ def test_ctrl_c_during_attacks_on_a_cached_federation_keeps_finished_attacks(tmp
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(repeat0(metrics)["attacks"]) == {"PGD-3", "STOP"}
+    assert "hosts" not in metrics["hardware"]  # resumed where it started
 
 
 def test_resume_refuses_other_data(tmp_path, plugin, capsys):
@@ -324,3 +326,25 @@ def test_a_diverged_federation_finishes_with_its_report(tmp_path):
     assert None in losses  # NaN losses, written as null
     assert (tmp_path / "diverged" / "report.md").exists()
     assert (tmp_path / "diverged" / "plots" / "synthetic" / "training_loss.png").exists()
+
+
+def test_a_resume_on_another_host_finishes_and_says_so_in_every_report(tmp_path, plugin, capsys):
+    root = make_root(tmp_path / "a", 90, 1)
+    out, partial = interrupted(tmp_path, plugin, root)
+    manifest_path = partial / "checkpoint" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    [here] = manifest["hosts"]
+    assert here["cpu_flags"] == runner.cpu_flags_digest()
+    # the run started on a CPU with other flags and another thread count
+    manifest["hosts"] = [{**here, "cpu_flags": "0123456789ab", "threads": here["threads"] + 1}]
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    args = ["-p", plugin, "run", "--resume", str(out), "--no-progress", "--data-root", str(root)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "resumed on 2 hosts (cpu_flags, threads differ)" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    hosts = metrics["hardware"]["hosts"]
+    assert [h["cpu_flags"] for h in hosts] == ["0123456789ab", runner.cpu_flags_digest()]
+    assert "resumed on 2 hosts" in (out / "report.md").read_text()
+    assert "resumed on 2 hosts" in (out / "report.html").read_text()
