@@ -8,7 +8,9 @@ that no value is copied out of the scenario by hand, and adds the reduced CPU sc
     python scripts/closest_sweeps.py glioma 0.194353 0 | sh
 
 The std is the one `scripts/reproduce_paper.sh` prints ("pixel std"); the command is
-printed, not run, so that RESULTS can quote exactly what ran.
+printed, not run, so that RESULTS can quote exactly what ran. With ``--attack-sets`` it
+prints only the attacks' ``--set`` arguments, one per line: reproduce_paper.sh's
+sensitivity study reads them, so both scale the values the scenario holds, one way.
 """
 
 from __future__ import annotations
@@ -39,13 +41,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task")
     parser.add_argument("std", type=float, help="the task's pixel std on [0, 1] pixels")
-    parser.add_argument("seed", type=int)
+    parser.add_argument("seed", type=int, nargs="?", help="the run's one seed")
     parser.add_argument("--scenario", type=Path, default=Path("scenarios/paper_sweeps.toml"))
     parser.add_argument("--out", help="run folder")
     parser.add_argument("--data-root", default="../shared/datasets", help="the datasets' folder")
     parser.add_argument("--noise", type=float, default=0.002, help="dp noise multiplier z")
+    parser.add_argument(
+        "--attack-sets", action="store_true", help="print the attacks' --set arguments only"
+    )
     args = parser.parse_args()
     scenario = tomllib.loads(args.scenario.read_text())
+    if args.attack_sets:
+        for value in overrides(scenario, args.std):
+            print(f"--set\n{value}")
+        return
+    if args.seed is None:
+        parser.error("the seed is required unless --attack-sets")
     sets = [
         f"dp.params.noise_multiplier={args.noise}",
         "federation.rounds=5",

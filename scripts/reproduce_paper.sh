@@ -72,8 +72,9 @@ run() {  # run NAME SCENARIO [testbed run args...]
     "${ENGINE_SETS[@]}" --out "$OUT/$name" "$@"
 }
 
-# eps after normalisation: the paper's 0.03 (and step 0.007) times the task's pixel std,
-# one std over all pixels and channels, from the task's data as the scenario loads it
+# eps after normalisation: the scenario's eps and eps_step (the paper's 0.03 and 0.007)
+# times the task's pixel std, one std over all pixels and channels, from the task's data
+# as the scenario loads it
 declare -A STD_OF  # measured once per task
 eps_normalised() {  # eps_normalised TASK: sets SETS for the four attacks
   [[ -n "${STD_OF[$1]:-}" ]] || STD_OF[$1]=$("$BIN/python" - "$SENSITIVITY" "$1" "$DATA_ROOT" <<'PY'
@@ -89,13 +90,13 @@ print(f"{float(ds.x.float().div(255).std()):.6f}")
 PY
 )
   local std=${STD_OF[$1]}
-  EPS=$("$BIN/python" -c "print(round(0.03 * $std, 6))")
-  STEP=$("$BIN/python" -c "print(round(0.007 * $std, 6))")
-  echo "$1 pixel std $std: eps 0.03 after normalisation is $EPS on [0, 1] pixels"
-  SETS=(--set "attacks.0.params.eps=$EPS")
-  for i in 1 2 3; do
-    SETS+=(--set "attacks.$i.params.eps=$EPS" --set "attacks.$i.params.eps_step=$STEP")
-  done
+  # the scenario's own eps and eps_step, scaled (scripts/closest_sweeps.py, as for Fig. 3)
+  mapfile -t SETS < <("$BIN/python" scripts/closest_sweeps.py "$1" "$std" \
+    --scenario "$SENSITIVITY" --attack-sets)
+  (( ${#SETS[@]} )) || { echo "no eps to scale in $SENSITIVITY" >&2; exit 2; }
+  local values=() i
+  for ((i = 1; i < ${#SETS[@]}; i += 2)); do values+=("${SETS[i]}"); done
+  echo "$1 pixel std $std, on [0, 1] pixels: ${values[*]}"
 }
 
 mkdir -p "$OUT"

@@ -47,3 +47,22 @@ def test_paper_sweeps_gives_the_meningioma_command_in_results():
     assert "evaluation.seeds=[1]" in sets and "dp.params.noise_multiplier=0.002" in sets
     assert args[:5] == ["testbed", "run", "scenarios/paper_sweeps.toml", "--task", "meningioma"]
     assert args[args.index("--data-root") + 1] == "/d"
+
+
+def test_attack_sets_are_the_sensitivity_studys_overrides_one_per_line():
+    """reproduce_paper.sh reads these with mapfile: `--set` and its value alternate."""
+    out = subprocess.run(
+        [sys.executable, "scripts/closest_sweeps.py", "meningioma", "0.2148",
+         "--scenario", "scenarios/sensitivity_cpu.toml", "--attack-sets"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out[::2] == ["--set"] * 7
+    # the four attacks' eps, and the three iterative ones' step (0.007 x 0.2148)
+    assert out[1::2] == [
+        "attacks.0.params.eps=0.006444",
+        *[
+            f"attacks.{i}.params.{k}"
+            for i in (1, 2, 3)
+            for k in ("eps=0.006444", "eps_step=0.001504")
+        ],
+    ]
