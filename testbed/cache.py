@@ -9,7 +9,9 @@ testbed's code and of every loaded plugin module.
 An entry is a checksum line followed by a ``torch.save`` blob (plain tensors and lists,
 loaded with weights_only=True). A damaged, foreign or implausible entry (bad checksum,
 wrong shapes, non-finite weights) is discarded with a warning and the federation is
-retrained: the cache can cost time, never correctness.
+retrained: the cache can cost time, never correctness. The host's float path is not in the
+key (the same computation, rounded in another order): an entry records where it was
+trained, and a run that uses one from another host says so (testbed/repeat.py).
 """
 
 from __future__ import annotations

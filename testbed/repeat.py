@@ -26,6 +26,7 @@ from testbed.data import ImageDataset
 from testbed.engines import Engine, TrainingSetup
 from testbed.explain import explain_for_run
 from testbed.federation import FederationState, UpdatePolicy
+from testbed.hostinfo import differences, float_path
 from testbed.local_training import ClientData, LocalConfig, get_weights, set_weights
 from testbed.metrics import client_model_spread
 from testbed.outsider import run_outsider
@@ -138,6 +139,7 @@ class Trained:
     privacy: list[dict[str, Any]]
     key: str
     cache_hit: bool
+    trained_on: dict[str, Any] | None  # a cached federation's host, where it is not this one
     clients: list[ClientData]
     cfg: LocalConfig
     server: Any
@@ -177,6 +179,7 @@ def _train(job: Repeat, per_run: list[object]) -> Trained:
     numel = sum(p.numel() for p in model.parameters())
     saved = _load_checkpoint(job, numel)
     cached = _load_cached(job, key, numel) if saved is None and job.use_cache else None
+    here, trained_on = float_path(device), None
     if cached is not None:
         state = FederationState(
             fed.rounds,
@@ -186,6 +189,14 @@ def _train(job: Repeat, per_run: list[object]) -> Trained:
         )
         round_times = cached["round_s"]
         log.info("%s seed %d: trained federation from the cache (%s)", task.name, seed, key)
+        if (trained_on := cached.get("host")) == here:
+            trained_on = None
+        else:  # the same computation on another float path: used, and said so
+            job.warn(
+                f"{label}: the cached federation was trained on another host "
+                f"({', '.join(differences([trained_on or {}, here]))} differ); "
+                "--no-cache retrains it here"
+            )
     elif saved is None:
         init = get_weights(model)
         state = FederationState(0, init, {c: init.clone() for c in range(fed.clients)})
@@ -253,10 +264,11 @@ def _train(job: Repeat, per_run: list[object]) -> Trained:
                 "history": state.history,
                 "round_s": round_times,
                 "privacy": privacy,
+                "host": here,
             },
         )
     return Trained(
-        state, round_times, privacy, key, cached is not None, clients, cfg, server,
+        state, round_times, privacy, key, cached is not None, trained_on, clients, cfg, server,
         adversaries, threat, warnings, attacks_bar,
     )  # fmt: skip
 
@@ -317,7 +329,8 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
         )  # fmt: skip
     metrics = {
         "seed": seed,
-        "cache": {"key": t.key, "hit": t.cache_hit},
+        "cache": {"key": t.key, "hit": t.cache_hit}
+        | ({"trained_on": t.trained_on} if t.trained_on else {}),
         "clients": [
             {
                 "id": c.client_id,

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from testbed.hostinfo import differences
 from testbed.paper import TABLE_I, TABLE_II, paper_attack_labels
 from testbed.privacy import report_notes
 
@@ -304,17 +305,27 @@ def render(metrics: dict[str, Any], console: Console) -> None:
 
 
 def hosts_note(metrics: dict[str, Any]) -> str | None:
-    """One line where a resume moved the run between hosts (testbed/runner.py records
-    them), for every report: its numbers are then no single host's."""
-    hosts = metrics["hardware"].get("hosts") or []
-    if len(hosts) < 2:
-        return None
-    keys = sorted({k for h in hosts for k in h})
-    changed = [k for k in keys if len({str(h.get(k)) for h in hosts}) > 1]
-    return (
-        f"resumed on {len(hosts)} hosts ({', '.join(changed)} differ): each part is a "
-        "correct computation, but the whole repeats no single host's run bitwise"
-    )
+    """One line where numbers come from more than this host's float path (testbed/hostinfo.py):
+    a resume that moved the run, or a federation from the cache trained elsewhere."""
+    notes = []
+    hosts = metrics.get("hardware", {}).get("hosts") or []
+    if len(hosts) > 1:
+        notes.append(
+            f"resumed on {len(hosts)} hosts ({', '.join(differences(hosts))} differ): each part "
+            "is a correct computation, but the whole repeats no single host's run bitwise"
+        )
+    elsewhere = [
+        f"{name} seed {r['seed']}"
+        for name, task in metrics.get("tasks", {}).items()
+        for r in task.get("repeats", [])
+        if (r.get("cache") or {}).get("trained_on")
+    ]
+    if elsewhere:
+        notes.append(
+            f"federations from the cache trained on another host ({', '.join(elsewhere)}; "
+            "metrics.json's cache.trained_on): the same computation, not this host's bits"
+        )
+    return "; ".join(notes) or None
 
 
 def engine_line(metrics: dict[str, Any]) -> str:

@@ -62,7 +62,7 @@ def run_page(run_dir: Path, metrics: dict[str, Any]) -> str:
         f"{hw.get('gpu', hw.get('device', '?'))}, torch {hw.get('torch', '?')}, "
         f"{total:.1f} s in total; folder {final_dir_of(run_dir.resolve()).name}"
     )
-    if note := hosts_note({"hardware": hw}):
+    if note := hosts_note(metrics):
         subtitle += f"; {note}"
     page = Page(f"testbed report: {metrics['scenario']}", subtitle)
     page.section("At a glance", glance_html(metrics))

@@ -9,11 +9,9 @@ interrupted run from the last checkpoint and, because every random draw derives 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from testbed.cache import FederationCache
 from testbed.data import ImageDataset
 from testbed.engines import Engine
 from testbed.fingerprint import code_fingerprint, data_fingerprint
+from testbed.hostinfo import float_path, hardware
 from testbed.pluginmanager import Host
 from testbed.progress import Bars, make_progress
 from testbed.repeat import Repeat, adversaries_of, run_repeat
@@ -176,43 +175,6 @@ class RunResult:
 def default_run_dir(scenario: Scenario) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path(scenario.report.out_dir) / f"{scenario.scenario.name}-{stamp}"
-
-
-def cpu_flags_digest() -> str | None:
-    """A short digest of the CPU's feature flags, where Linux lists them. The same seed on
-    the same flags repeats bitwise; on another CPU oneDNN may pick kernels that sum in another
-    order, and SGD amplifies that (glioma, RESULTS: ACC 90.8 on one host, 92.4 on another)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return hashlib.sha256(flags.encode()).hexdigest()[:12] if flags else None
-
-
-def hardware(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_flags": cpu_flags_digest(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-# What decides a run's float path: the same seed repeats bitwise only where all of it is the same.
-FLOAT_PATH_KEYS = ("device", "gpu", "torch", "threads", "cpu_capability", "cpu_flags")
-
-
-def float_path(device: torch.device) -> dict[str, Any]:
-    hw = hardware(device)
-    return {k: hw[k] for k in FLOAT_PATH_KEYS if k in hw}
 
 
 def write_report(run_dir: Path, metrics: dict[str, Any]) -> str | None:

@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+import torch
 from test_cli import TINY
 
+from testbed.cache import FederationCache
 from testbed.cli import main
+from testbed.hostinfo import float_path
 from testbed.pluginmanager import build_host
 from testbed.problems import ScenarioError
 from testbed.scenario_load import load_scenario
@@ -75,3 +78,22 @@ def test_attack_only_changes_hit_the_cache_training_changes_miss(tmp_path, monke
     forced = run(tmp_path, scenario_file(tmp_path, TINY), "e", "--no-cache")
     assert forced["cache"]["hit"] is False
     assert forced["acc"] == first["acc"]  # retraining reproduces the cached federation
+
+
+def test_a_federation_cached_on_another_host_is_used_and_said_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    first = run(tmp_path, scenario_file(tmp_path, TINY), "a")
+    cache = FederationCache(tmp_path / "cache" / "federations")
+    entry = cache.load(first["cache"]["key"])
+    here = entry["host"]
+    assert here == float_path(torch.device("cpu"))
+    # as if trained on a CPU with other flags (a cache folder copied from another machine)
+    cache.save(first["cache"]["key"], {**entry, "host": {**here, "cpu_flags": "0123456789ab"}})
+    capsys.readouterr()
+    again = run(tmp_path, scenario_file(tmp_path, TINY), "b")
+    assert again["cache"]["hit"] is True and again["acc"] == first["acc"]
+    assert again["cache"]["trained_on"]["cpu_flags"] == "0123456789ab"
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert "trained on another host (cpu_flags differ)" in err
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "federations from the cache trained on another host (synthetic seed" in report

@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_cli import TINY, strip_timing
 
-from testbed import runner
 from testbed.builtins.dataset_cache import cache_dir
 from testbed.cli import main
+from testbed.hostinfo import cpu_flags_digest
 
 # A dataset read from the data root (so two roots give two datasets under one spec), an
 # attack that stops the run while a marker file exists (Ctrl-C mid-run), and an
@@ -334,17 +334,17 @@ def test_a_resume_on_another_host_finishes_and_says_so_in_every_report(tmp_path,
     manifest_path = partial / "checkpoint" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     [here] = manifest["hosts"]
-    assert here["cpu_flags"] == runner.cpu_flags_digest()
+    assert here["cpu_flags"] == cpu_flags_digest()
     # the run started on a CPU with other flags and another thread count
     manifest["hosts"] = [{**here, "cpu_flags": "0123456789ab", "threads": here["threads"] + 1}]
     manifest_path.write_text(json.dumps(manifest))
     capsys.readouterr()
     args = ["-p", plugin, "run", "--resume", str(out), "--no-progress", "--data-root", str(root)]
     assert main(args) == 0
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
     assert "resumed on 2 hosts (cpu_flags, threads differ)" in err
     metrics = json.loads((out / "metrics.json").read_text())
     hosts = metrics["hardware"]["hosts"]
-    assert [h["cpu_flags"] for h in hosts] == ["0123456789ab", runner.cpu_flags_digest()]
+    assert [h["cpu_flags"] for h in hosts] == ["0123456789ab", cpu_flags_digest()]
     assert "resumed on 2 hosts" in (out / "report.md").read_text()
     assert "resumed on 2 hosts" in (out / "report.html").read_text()
