@@ -299,7 +299,7 @@ def render(metrics: dict[str, Any], console: Console) -> None:
         console.print(f"figure: {p}", highlight=False)
     hw = metrics["hardware"]
     device = hw.get("gpu", hw["device"])
-    console.print(f"Device: {device}; total {_num(metrics['timing']['total_s']):.1f} s")
+    console.print(f"Device: {device}; {time_phrase(metrics)}")
     if note := hosts_note(metrics):
         console.print(f"Note: {note}", highlight=False)
 
@@ -328,6 +328,18 @@ def hosts_note(metrics: dict[str, Any]) -> str | None:
     return "; ".join(notes) or None
 
 
+def time_phrase(metrics: dict[str, Any]) -> str:
+    """The run's wall time; a resumed run's own total covers only its last process."""
+    timing = metrics.get("timing", {})
+    phrase = f"{_num(timing.get('total_s')):.1f} s in total"
+    if (since := timing.get("since_first_start_s")) is not None:
+        phrase = (
+            f"{_num(timing.get('total_s')):.1f} s in the process that finished it after a "
+            f"resume, {_num(since):.0f} s since the run first started (pauses included)"
+        )
+    return phrase
+
+
 def engine_line(metrics: dict[str, Any]) -> str:
     """Which engine trained the run, and what that means for comparing its numbers."""
     spec = metrics.get("engine") or {}
@@ -351,7 +363,7 @@ def markdown(metrics: dict[str, Any]) -> str:
         "",
         f"testbed {metrics['testbed_version']}, seeds {metrics['seeds']}, "
         f"{hw.get('gpu', hw['device'])}, torch {hw['torch']}, {engine_line(metrics)}, "
-        f"{_num(metrics['timing']['total_s']):.1f} s in total.",
+        f"{time_phrase(metrics)}.",
         "",
     ]
     if note := hosts_note(metrics):

@@ -25,7 +25,7 @@ from testbed.html_page import (
     tables_html,
     write_atomic,
 )
-from testbed.report import TableData, _num, hosts_note, run_tables
+from testbed.report import TableData, hosts_note, run_tables, time_phrase
 from testbed.report_html_sections import (
     clients_table,
     events_table,
@@ -56,11 +56,10 @@ def run_page(run_dir: Path, metrics: dict[str, Any]) -> str:
     from testbed.rundir import final_dir_of  # a run writes it in its partial folder
 
     hw = metrics.get("hardware", {})
-    total = _num(metrics.get("timing", {}).get("total_s"))
     subtitle = (
         f"testbed {metrics.get('testbed_version', '?')}, seeds {metrics.get('seeds')}, "
         f"{hw.get('gpu', hw.get('device', '?'))}, torch {hw.get('torch', '?')}, "
-        f"{total:.1f} s in total; folder {final_dir_of(run_dir.resolve()).name}"
+        f"{time_phrase(metrics)}; folder {final_dir_of(run_dir.resolve()).name}"
     )
     if note := hosts_note(metrics):
         subtitle += f"; {note}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -181,12 +182,13 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> str | None:
     """report.md, then report.html (testbed/report_html.py); the problem that kept
     report.html from being written, if any: a bug in the page must not cost a run."""
     from testbed.report import markdown
-    from testbed.report_html import write_run_html
 
     tmp = run_dir / "report.md.tmp"
     tmp.write_text(markdown(metrics))
     os.replace(tmp, run_dir / "report.md")
     try:
+        from testbed.report_html import write_run_html
+
         write_run_html(run_dir, metrics)
     except Exception as exc:  # reported to the user; the run folder stays
         return f"report.html not written: {type(exc).__name__}: {exc}"
@@ -195,18 +197,24 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> str | None:
 
 def _start_or_check_manifest(
     run_dir: Path, scenario: Scenario, code_fp: dict[str, str], resume: bool, host: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """A new run records what it starts from; a resumed one must match its scenario, data
-    and code. The host may differ (a job moved off a preempted machine is legitimate), but
-    then the numbers are no single host's: every host it ran on is recorded and returned."""
+) -> dict[str, Any]:
+    """A new run records what it starts from, and when; a resumed one must match its
+    scenario, data and code. The host may differ (a job moved off a preempted machine is
+    legitimate), but then the numbers are no single host's: every host it ran on is
+    recorded. Returns the manifest."""
     ckpt = Checkpoints(run_dir / "checkpoint")
     stored = run_dir / "scenario.json"
     if not resume:
         write_json(stored, resolved_dict(scenario))
-        ckpt.write_manifest(
-            {"scenario_sha256": file_digest(stored), "code": code_fp, "data": {}, "hosts": [host]}
-        )
-        return [host]
+        manifest = {
+            "scenario_sha256": file_digest(stored),
+            "code": code_fp,
+            "data": {},
+            "hosts": [host],
+            "started": time.time(),
+        }
+        ckpt.write_manifest(manifest)
+        return manifest
     manifest = ckpt.read_manifest()
     hint = "start a new run"
     check_same("scenario.json", manifest.get("scenario_sha256"), file_digest(stored), hint)
@@ -214,12 +222,16 @@ def _start_or_check_manifest(
         "code", manifest.get("code"), code_fp, "finish it with the code that started it, or " + hint
     )
     hosts = manifest.get("hosts")
-    if not isinstance(hosts, list) or not hosts:
-        raise RunError(f"the run folder does not record its host; {hint}")
+    if not isinstance(hosts, list) or not hosts or not _is_time(manifest.get("started")):
+        raise RunError(f"the run folder does not record its host and start; {hint}")
     if hosts[-1] != host:
-        manifest["hosts"] = hosts = [*hosts, host]
+        manifest["hosts"] = [*hosts, host]
         ckpt.write_manifest(manifest)
-    return hosts
+    return manifest
+
+
+def _is_time(t: Any) -> bool:
+    return isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
 
 
 def run_scenario(
@@ -251,7 +263,10 @@ def run_scenario(
         log.setLevel(logging.INFO)
         try:
             code_fp = code_fingerprint(host)
-            hosts = _start_or_check_manifest(run_dir, scenario, code_fp, resume, float_path(device))
+            manifest = _start_or_check_manifest(
+                run_dir, scenario, code_fp, resume, float_path(device)
+            )
+            hosts = manifest["hosts"]
 
             def warn(message: str) -> None:
                 console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
@@ -284,7 +299,10 @@ def run_scenario(
                 "tasks": tasks,
                 "hardware": hardware(device) | ({"hosts": hosts} if len(hosts) > 1 else {}),
                 "engine": scenario.engine.model_dump(mode="json"),
-                "timing": {"total_s": time.perf_counter() - t_start},
+                # a resumed run's total is this process's; the span since its first start
+                # (pauses included) says how long the whole run took
+                "timing": {"total_s": time.perf_counter() - t_start}
+                | ({"since_first_start_s": time.time() - manifest["started"]} if resume else {}),
             }
             result = json.loads(json.dumps(json_safe(result)))
             if scenario.report.plots:

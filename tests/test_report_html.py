@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from html import escape
 from pathlib import Path
 
@@ -212,3 +213,27 @@ def test_the_page_renders_in_chromium_with_the_runs_numbers(run_dir, browser):
     assert header.get_attribute("aria-sort") == "descending"
     assert column() == sorted(column(), reverse=True)
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@pytest.mark.parametrize("broken", ["raises", "cannot be imported"])
+def test_a_broken_page_costs_the_page_not_the_run(tmp_path, monkeypatch, capsys, broken):
+    if broken == "raises":
+
+        def fail(*_):
+            raise RuntimeError("page bug")
+
+        monkeypatch.setattr("testbed.report_html.write_run_html", fail)
+    else:  # as when the installed code changes under a long run
+        monkeypatch.setitem(sys.modules, "testbed.report_html", None)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--no-progress"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "report.html not written: "
+        + ("RuntimeError" if broken == "raises" else "ModuleNotFoundError")
+        in err
+    )
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
+    assert not (out / "report.html").exists()

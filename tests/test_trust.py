@@ -252,6 +252,9 @@ def test_ctrl_c_during_attacks_on_a_cached_federation_keeps_finished_attacks(tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(repeat0(metrics)["attacks"]) == {"PGD-3", "STOP"}
     assert "hosts" not in metrics["hardware"]  # resumed where it started
+    timing = metrics["timing"]  # this process's total, and the span since the first start
+    assert timing["since_first_start_s"] > timing["total_s"] > 0
+    assert "since the run first started" in (out / "report.md").read_text()
 
 
 def test_resume_refuses_other_data(tmp_path, plugin, capsys):
