@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from testbed.rundir import RunError
+
 if TYPE_CHECKING:
     from testbed.data import ImageDataset
     from testbed.pluginmanager import Host
@@ -87,3 +89,16 @@ def code_fingerprint(host: Host, extra: Iterable[object] = ()) -> dict[str, str]
         out[name] = h.hexdigest() if files else "(no source file)"
     dists = {f"dist:{d}": v for d, v in host.sources.values() if d}
     return {**out, **dict(sorted(dists.items()))}
+
+
+def check_code_unchanged(host: Host, started: dict[str, str], before: str) -> None:
+    """Refuse to record numbers once the code on disk differs from the code the run started
+    with (an editable install edited under a long run): modules imported after the edit
+    are the new code, so the numbers could mix two versions under the old fingerprint."""
+    now = code_fingerprint(host)
+    if now != started:
+        changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
+        raise RunError(
+            f"the code changed on disk while the run was going ({', '.join(changed)}), so "
+            f"nothing more is recorded ({before}): run from a checkout that stays put"
+        )

@@ -26,6 +26,7 @@ from testbed.data import ImageDataset
 from testbed.engines import Engine, TrainingSetup
 from testbed.explain import explain_for_run
 from testbed.federation import FederationState, UpdatePolicy
+from testbed.fingerprint import check_code_unchanged
 from testbed.hostinfo import differences, float_path
 from testbed.local_training import ClientData, LocalConfig, get_weights, set_weights
 from testbed.metrics import client_model_spread
@@ -256,6 +257,7 @@ def _train(job: Repeat, per_run: list[object]) -> Trained:
         privacy = cached["privacy"]
     else:
         privacy = [p for p in host.hook.testbed_privacy_spent() if p]
+        check_code_unchanged(host, job.code_fp, "before caching the federation")
         cache.save(
             key,
             {

@@ -35,7 +35,7 @@ from testbed.builtins.dataset_cache import cache_dir
 from testbed.cache import FederationCache
 from testbed.data import ImageDataset
 from testbed.engines import Engine
-from testbed.fingerprint import code_fingerprint, data_fingerprint
+from testbed.fingerprint import check_code_unchanged, code_fingerprint, data_fingerprint
 from testbed.hostinfo import float_path, hardware
 from testbed.pluginmanager import Host
 from testbed.progress import Bars, make_progress
@@ -305,6 +305,7 @@ def run_scenario(
                 | ({"since_first_start_s": time.time() - manifest["started"]} if resume else {}),
             }
             result = json.loads(json.dumps(json_safe(result)))
+            check_code_unchanged(host, code_fp, "before writing metrics.json")
             if scenario.report.plots:
                 from testbed.plots import write_plots
 

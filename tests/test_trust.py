@@ -74,14 +74,32 @@ class Noise:
         batch.x = (batch.x + noise.to(batch.x.device)).clamp(0, 1)
 
 
+def edit_own_source():  # as when an editable install is edited under a long run
+    with open(__file__, "a") as f:
+        f.write("\\n# edited while a run was going\\n")
+
+
+def load_and_edit(p, data_root=None):
+    edit_own_source()
+    return load(p, data_root)
+
+
+class Editing(FastGradientMethod):
+    def generate(self, x, y=None, **kw):
+        edit_own_source()
+        return super().generate(x, y, **kw)
+
+
 @hookimpl
 def testbed_register_datasets(registry):
     registry.add("filedata", load, params=FileDataParams)
+    registry.add("filedata_editing", load_and_edit, params=FileDataParams)
 
 
 @hookimpl
 def testbed_register_attacks(registry):
     registry.add("stopping", lambda p, estimator: Stopping(estimator, p.marker), params=StopParams)
+    registry.add("editing", lambda p, estimator: Editing(estimator, eps=0.05), params=NoiseParams)
 
 
 @hookimpl
@@ -351,3 +369,23 @@ def test_a_resume_on_another_host_finishes_and_says_so_in_every_report(tmp_path,
     assert [h["cpu_flags"] for h in hosts] == ["0123456789ab", cpu_flags_digest()]
     assert "resumed on 2 hosts" in (out / "report.md").read_text()
     assert "resumed on 2 hosts" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("when", ["training", "attacks"])
+def test_code_edited_during_a_run_records_nothing_more(tmp_path, plugin, capsys, when):
+    """Edited before training ends, no cache entry; before the end, no metrics.json."""
+    root = make_root(tmp_path / "a", 90, 1)
+    if when == "training":
+        text = FILEDATA.replace('name = "filedata"', 'name = "filedata_editing"')
+    else:
+        text = FILEDATA + '\n[[attacks]]\nname = "editing"\nlabel = "EDIT"\n'
+    federations = cache_dir() / "federations"
+    before = set(federations.glob("*.pt"))
+    capsys.readouterr()
+    code, metrics = run(tmp_path, ["-p", plugin], "edited", text, ["--data-root", str(root)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and metrics is None and "Traceback" not in err
+    assert "the code changed on disk while the run was going (trust_plugin)" in err
+    assert ("before caching the federation" if when == "training" else "metrics.json") in err
+    if when == "training":
+        assert set(federations.glob("*.pt")) == before
