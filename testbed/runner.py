@@ -40,7 +40,7 @@ from testbed.hostinfo import float_path, hardware
 from testbed.pluginmanager import Host
 from testbed.progress import Bars, make_progress
 from testbed.repeat import Repeat, adversaries_of, run_repeat
-from testbed.report import hosts_note
+from testbed.report import hosts_note, markdown
 from testbed.rundir import (
     Checkpoints,
     RunError,
@@ -181,8 +181,6 @@ def default_run_dir(scenario: Scenario) -> Path:
 def write_report(run_dir: Path, metrics: dict[str, Any]) -> str | None:
     """report.md, then report.html (testbed/report_html.py); the problem that kept
     report.html from being written, if any: a bug in the page must not cost a run."""
-    from testbed.report import markdown
-
     tmp = run_dir / "report.md.tmp"
     tmp.write_text(markdown(metrics))
     os.replace(tmp, run_dir / "report.md")
@@ -271,8 +269,8 @@ def run_scenario(
             def warn(message: str) -> None:
                 console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
 
-            if len(hosts) > 1:
-                warn(hosts_note({"hardware": {"hosts": hosts}}) or "resumed on another host")
+            if note := hosts_note({"hardware": {"hosts": hosts}}):
+                warn(note)
 
             def run_tasks(engine: Engine) -> dict[str, Any]:
                 tasks = {}
