@@ -38,6 +38,8 @@ class CachedFederation:
     cache_hit: bool
     key: str
     """The federation cache key: which trained federation the study's trials scored."""
+    trained_on: dict[str, Any] | None = None
+    """The host a cached federation was trained on, where it is not this one."""
 
 
 def load_federation(
@@ -78,5 +80,6 @@ def load_federation(
     clients = make_clients(ds, scenario, host, seed, device)
     classes = tuple(ds.classes)
     return CachedFederation(
-        deploy(finals), clients, classes, seed, device, cache["hit"], cache["key"]
-    )
+        deploy(finals), clients, classes, seed, device, cache["hit"], cache["key"],
+        cache.get("trained_on"),
+    )  # fmt: skip

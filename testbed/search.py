@@ -226,6 +226,7 @@ def run_search(
                 "trials": len(study.trials),
                 "seconds": time.perf_counter() - t0,
                 "cache_hit": fed.cache_hit,
+                **({"trained_on": fed.trained_on} if fed.trained_on else {}),
                 "best": {
                     "params": best_params,
                     "value": best.value,

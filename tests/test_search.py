@@ -15,6 +15,7 @@ from conftest import REPO
 from test_cli import TINY
 
 import testbed.search
+from testbed.cache import FederationCache
 from testbed.cli import main
 from testbed.engines import InProcess
 from testbed.perceptibility import perceptibility
@@ -93,8 +94,14 @@ def test_reuses_the_cached_federation_and_resumes_the_study(tmp_path, monkeypatc
         raise AssertionError("the search retrained a cached federation")
 
     monkeypatch.setattr(InProcess, "round_step", no_training)
+    # as if the cache folder came from a host with other CPU flags: used, and recorded
+    cache = FederationCache(tmp_path / "cache" / "federations")
+    [key] = [p.stem for p in cache.root.glob("*.pt")]
+    entry = cache.load(key)
+    cache.save(key, {**entry, "host": {**entry["host"], "cpu_flags": "0123456789ab"}})
     second = search(tmp_path, scenario, *feasible, "--trials", "5")
-    assert second["cache_hit"] is True
+    assert second["cache_hit"] is True and "trained_on" not in first
+    assert second["trained_on"]["cpu_flags"] == "0123456789ab"
     assert second["trials"] == 5  # the stored study's 3 trials, then 2 more
     assert second["storage"].endswith("search-tiny.db")
     study = optuna.load_study(study_name=second["study"], storage=second["storage"])
