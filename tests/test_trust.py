@@ -356,11 +356,16 @@ def test_a_resume_on_another_host_finishes_and_says_so_in_every_report(tmp_path,
     manifest = json.loads(manifest_path.read_text())
     [here] = manifest["hosts"]
     assert here["cpu_flags"] == cpu_flags_digest()
+    args = ["-p", plugin, "run", "--resume", str(out), "--no-progress", "--data-root", str(root)]
+    for missing in ("hosts", "started"):  # a manifest that cannot say where and when: refused
+        manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != missing}))
+        capsys.readouterr()
+        assert main(args) == 2
+        assert "does not record its host and start" in capsys.readouterr().err
     # the run started on a CPU with other flags and another thread count
     manifest["hosts"] = [{**here, "cpu_flags": "0123456789ab", "threads": here["threads"] + 1}]
     manifest_path.write_text(json.dumps(manifest))
     capsys.readouterr()
-    args = ["-p", plugin, "run", "--resume", str(out), "--no-progress", "--data-root", str(root)]
     assert main(args) == 0
     err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
     assert "resumed on 2 hosts (cpu_flags, threads differ)" in err
