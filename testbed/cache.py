@@ -16,6 +16,7 @@ trained, and a run that uses one from another host says so (testbed/repeat.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -129,15 +130,28 @@ class FederationCache:
         except Exception as exc:  # a checksum-valid but unloadable blob: written by other code
             raise BadEntry(f"cannot load: {type(exc).__name__}") from None
 
-    def save(self, key: str, payload: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(self, key: str, payload: dict[str, Any]) -> str | None:
+        """Store the entry atomically; why it could not be stored (an unwritable or full
+        cache folder), else None. A cache that cannot be written costs the next run its
+        training, never this run its results."""
         buf = io.BytesIO()
         torch.save(payload, buf)
         blob = buf.getvalue()
         path = self._path(key)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(FORMAT + b" " + hashlib.sha256(blob).hexdigest().encode() + b"\n" + blob)
-        os.replace(tmp, path)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(
+                FORMAT + b" " + hashlib.sha256(blob).hexdigest().encode() + b"\n" + blob
+            )
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return f"{exc.filename}: {exc.strerror}"
+        return None
 
     def discard(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        # a read-only cache folder keeps its bad entry; load() rejects it again next time
+        with contextlib.suppress(OSError):
+            self._path(key).unlink(missing_ok=True)

@@ -141,6 +141,7 @@ class Trained:
     key: str
     cache_hit: bool
     trained_on: dict[str, Any] | None  # a cached federation's host, where it is not this one
+    not_stored: str | None  # why the trained federation could not be cached, if it could not
     clients: list[ClientData]
     cfg: LocalConfig
     server: Any
@@ -253,12 +254,13 @@ def _train(job: Repeat, per_run: list[object]) -> Trained:
             },
         )
         bars.advance(rounds_bar)
+    not_stored = None
     if cached is not None:
         privacy = cached["privacy"]
     else:
         privacy = [p for p in host.hook.testbed_privacy_spent() if p]
         check_code_unchanged(host, job.code_fp, "before caching the federation")
-        cache.save(
+        not_stored = cache.save(
             key,
             {
                 "global": state.global_weights.cpu(),
@@ -269,9 +271,11 @@ def _train(job: Repeat, per_run: list[object]) -> Trained:
                 "host": here,
             },
         )
+        if not_stored is not None:
+            job.warn(f"{label}: the trained federation could not be cached ({not_stored})")
     return Trained(
-        state, round_times, privacy, key, cached is not None, trained_on, clients, cfg, server,
-        adversaries, threat, warnings, attacks_bar,
+        state, round_times, privacy, key, cached is not None, trained_on, not_stored, clients,
+        cfg, server, adversaries, threat, warnings, attacks_bar,
     )  # fmt: skip
 
 
@@ -332,7 +336,8 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
     metrics = {
         "seed": seed,
         "cache": {"key": t.key, "hit": t.cache_hit}
-        | ({"trained_on": t.trained_on} if t.trained_on else {}),
+        | ({"trained_on": t.trained_on} if t.trained_on else {})
+        | ({"not_stored": t.not_stored} if t.not_stored else {}),
         "clients": [
             {
                 "id": c.client_id,

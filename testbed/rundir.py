@@ -29,6 +29,17 @@ class RunError(Exception):
     """A run cannot proceed because of its input (data, device, folder); one line."""
 
 
+def make_dir(path: Path, what: str) -> None:
+    """Create ``path`` (and its parents) or raise RunError naming ``what``: an unusable
+    output location is the user's to fix, in one line, before any work rather than after."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # mkdir says "File exists" when a file stands where a folder must go
+        why = "a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror
+        raise RunError(f"cannot create {what} ({exc.filename}: {why})") from None
+
+
 def json_safe(obj: Any) -> Any:
     """Strict JSON: NaN (an undefined rate) becomes null, infinity the string "inf"."""
     if isinstance(obj, float):
@@ -203,11 +214,15 @@ def staged_run_dir(final: Path, resume: bool) -> Iterator[Path]:
                 f"an interrupted run is in {staging}: resume it with "
                 f"`testbed run --resume {final}` or delete it"
             )
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(final.parent, f"the run folder {final}")
         try:
             staging.mkdir()
         except FileExistsError:  # another process started the same folder just now
             raise RunError(f"{staging} is in use by another testbed process") from None
+        except OSError as exc:
+            raise RunError(
+                f"cannot create the run folder {final} ({staging}: {exc.strerror})"
+            ) from None
     with _locked(staging):
         try:
             yield staging

@@ -35,7 +35,7 @@ from testbed.cached_federation import load_federation
 from testbed.perceptibility import pool_perceptibility
 from testbed.pluginmanager import Host
 from testbed.progress import make_progress
-from testbed.rundir import RunError, safe_name
+from testbed.rundir import RunError, make_dir, safe_name
 from testbed.runner import adversaries_of
 from testbed.scenario import Attack, Scenario
 from testbed.search_config import ParamRange, Search
@@ -108,7 +108,7 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamRange]) -> dict[str, Any]
 
 def default_storage(scenario: Scenario) -> str:
     out = Path(scenario.report.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "the search's study folder")
     return f"sqlite:///{out / f'search-{safe_name(scenario.scenario.name)}.db'}"
 
 
@@ -127,6 +127,8 @@ def run_search(
         raise RunError("the scenario has no [search] table (see README: testbed search)")
     console = console or Console(stderr=True)
     spec = check_space(scenario, search, host)
+    make_dir(out, f"the search folder {out}")
+    storage = search.storage or default_storage(scenario)  # both before any training
     task_name = search.task or scenario.task_list()[0].name
     fed = load_federation(scenario, host, task_name, data_root)
     console.print(
@@ -180,7 +182,6 @@ def run_search(
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and summary say it
-    storage = search.storage or default_storage(scenario)
     name = search.study_name or f"{scenario.scenario.name}-{search.attack}"
     study = optuna.create_study(
         study_name=name,
@@ -213,7 +214,6 @@ def run_search(
         ) from None
     best_params = {**spec.params, **best.user_attrs["params"]}
     toml = attack_toml(spec, best_params, best.value)
-    out.mkdir(parents=True, exist_ok=True)
     best_toml = out / "best_attack.toml"
     best_toml.write_text(toml)
     figure = out / "pareto.png"

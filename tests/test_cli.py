@@ -133,6 +133,25 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["run", "compare", "search"])
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(
+    command, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        TINY + '[search]\nattack = "PGD-3"\nspace = { eps = { low = 0.01, high = 0.1 } }\n'
+    )
+    (tmp_path / "a_file").write_text("")  # a file stands where the output's folder must go
+    out = tmp_path / "a_file" / "out"
+    assert main([command, str(scenario), "--out", str(out), "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert f"cannot create the {'search' if command == 'search' else 'run'} folder" in err
+    assert ("a file, not a folder" in err or "Not a directory" in err) and "Traceback" not in err
+    assert len(err.split("error:")) == 2  # one error line
+    assert not (tmp_path / "cache").exists()  # before any training
+
+
 def test_unknown_plugin_module_is_a_user_error(capsys):
     assert main(["-p", "no_such_module_xyz", "plugins"]) == 2
     assert "no_such_module_xyz" in capsys.readouterr().err

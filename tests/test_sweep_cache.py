@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import torch
-from test_cli import TINY
+from test_cli import TINY, strip_timing
 
 from testbed.cache import FederationCache
 from testbed.cli import main
@@ -97,3 +97,19 @@ def test_a_federation_cached_on_another_host_is_used_and_said_so(tmp_path, monke
     assert "trained on another host (cpu_flags differ)" in err
     report = (tmp_path / "b" / "report.md").read_text()
     assert "federations from the cache trained on another host (synthetic seed" in report
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    written = run(tmp_path, scenario_file(tmp_path, TINY), "a")
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")  # a file where the cache folder must go: unwritable, even for root
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(blocked))
+    capsys.readouterr()
+    unwritten = run(tmp_path, scenario_file(tmp_path, TINY), "b")
+    assert unwritten["cache"]["hit"] is False
+    assert "Not a directory" in unwritten["cache"]["not_stored"]
+    assert strip_timing(unwritten) == strip_timing(written)  # the same results, uncached
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert "the trained federation could not be cached" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("**/*.tmp"))  # no half-written entry left behind
