@@ -79,8 +79,13 @@ def cmd_run(host: Host, args: argparse.Namespace, console: Console) -> int:
     if args.task:
         known = [t.name for t in scenario.task_list()]
         unknown = [t for t in args.task if t not in known]
-        if unknown or scenario.data is not None:
-            return _fail(console, f"--task {unknown or args.task}: tasks are {', '.join(known)}")
+        if scenario.data is not None:
+            return _fail(console, "--task picks among [[tasks]]; this scenario has one [data]")
+        if unknown:
+            return _fail(
+                console, f"--task {', '.join(unknown)}: not a task of this scenario "
+                f"(its tasks: {', '.join(known)})",
+            )  # fmt: skip
         updates["tasks"] = [t for t in scenario.tasks if t.name in args.task]
     if updates and args.resume is not None:
         return _fail(console, "--resume continues with the run's own seed and device")

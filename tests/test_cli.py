@@ -152,6 +152,14 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(
     assert not (tmp_path / "cache").exists()  # before any training
 
 
+def test_task_flag_names_the_scenarios_tasks(capsys):
+    assert main(["run", str(REPO / "scenarios" / "paper_baseline.toml"), "--task", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--task x: not a task of this scenario (its tasks: meningioma, glioma, pathology)" in err
+    assert main(["run", str(REPO / "scenarios" / "quickstart.toml"), "--task", "synthetic"]) == 2
+    assert "--task picks among [[tasks]]; this scenario has one [data]" in capsys.readouterr().err
+
+
 def test_unknown_plugin_module_is_a_user_error(capsys):
     assert main(["-p", "no_such_module_xyz", "plugins"]) == 2
     assert "no_such_module_xyz" in capsys.readouterr().err
