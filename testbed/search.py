@@ -128,7 +128,9 @@ def run_search(
     console = console or Console(stderr=True)
     spec = check_space(scenario, search, host)
     make_dir(out, f"the search folder {out}")
-    storage = search.storage or default_storage(scenario)  # both before any training
+    storage = search.storage or default_storage(scenario)
+    name = search.study_name or f"{scenario.scenario.name}-{search.attack}"
+    study = _open_study(search, storage, name)  # all three before any training
     task_name = search.task or scenario.task_list()[0].name
     fed = load_federation(scenario, host, task_name, data_root)
     console.print(
@@ -181,18 +183,6 @@ def run_search(
         _constrain(trial, pooled, ssim_min, linf_max)
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and summary say it
-    name = search.study_name or f"{scenario.scenario.name}-{search.attack}"
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=search.sampler_seed + _trials_done(storage, name)),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
-        if search.pruning
-        else optuna.pruners.NopPruner(),
-    )
     _check_or_start(study, spec, search, fed.key)
     total = n_trials or search.n_trials
     # a queued (not yet run) trial, such as the configured attack, is still to come
@@ -334,6 +324,26 @@ def _in_space(v: Any, r: ParamRange) -> bool:
     if not isinstance(v, int | float) or not r.low <= v <= r.high:
         return False
     return r.step is None or abs((v - r.low) / r.step - round((v - r.low) / r.step)) < 1e-6
+
+
+def _open_study(search: Search, storage: str, name: str) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and summary say it
+    try:
+        return optuna.create_study(
+            study_name=name,
+            storage=storage,
+            load_if_exists=True,
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(
+                seed=search.sampler_seed + _trials_done(storage, name)
+            ),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+            if search.pruning
+            else optuna.pruners.NopPruner(),
+        )
+    except Exception as exc:  # each storage backend (SQLAlchemy, journal, gRPC) has its own
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"search.storage {storage!r}: cannot open the study ({first})") from None
 
 
 def _trials_done(storage: str, name: str) -> int:

@@ -123,6 +123,7 @@ def test_reuses_the_cached_federation_and_resumes_the_study(tmp_path, monkeypatc
         (("eps = {", "confidence = {"), "relative_to = 'eps' is not a searched param"),
         (("eps_step = {", "confidence = {"), "pgd has no param confidence"),
         (("high = 0.1,", "high = 2.0,"), "search.space.eps = 2.0"),
+        (("n_trials =", 'storage = "notaurl"\nn_trials ='), "storage 'notaurl': cannot open"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, edit, message):
