@@ -197,9 +197,8 @@ def audit_scenario(scenario: Any, *, trials: int = 300, seed: int = 0) -> AuditR
 
     dp = getattr(scenario, "dp", None)
     if dp is None or dp.name != "dp_sgd":
-        raise ValueError(
-            f"audit supports dp_sgd only, the scenario has {getattr(dp, 'name', None)!r}"
-        )
+        has = "no [dp] table" if dp is None else f"dp.name = {dp.name!r}"
+        raise ValueError(f"audit supports dp_sgd only, the scenario has {has}")
     params = {**dp.params, "max_grad_norm": CANARY_CLIP, "budget_epsilon": None}
     if params.get("target_epsilon") is not None:
         raise ValueError("audit needs a fixed noise_multiplier (target_epsilon calibrates per run)")

@@ -91,4 +91,6 @@ def test_audit_command(capsys):
     out = capsys.readouterr().out
     assert "audited lower bound" in out and "consistent" in out
     assert main(["audit", str(repo / "scenarios/quickstart.toml")]) == 2
-    assert "audit supports dp_sgd only" in capsys.readouterr().err
+    assert "dp_sgd only, the scenario has dp.name = 'paper_dp'" in capsys.readouterr().err
+    assert main(["audit", str(repo / "scenarios/defenses/none.toml")]) == 2
+    assert "dp_sgd only, the scenario has no [dp] table" in capsys.readouterr().err
