@@ -142,8 +142,9 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     from rich.markup import escape
 
     from testbed import compare
+    from testbed.data import DatasetError
     from testbed.problems import ScenarioError
-    from testbed.runner import RunError, run_scenario
+    from testbed.runner import RunError, load_task_data, run_scenario
     from testbed.scenario_load import load_scenario
     from testbed.tracking import TrackingError
 
@@ -167,6 +168,14 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     out = args.out or Path("reports") / f"compare-{stamp}"
     if out.exists():
         return _fail(console, f"{out} already exists")
+    for path, scenario in zip(args.scenarios, scenarios, strict=True):
+        # every scenario's data before the first trains (each run loads it again, from the
+        # dataset cache): a missing dataset of the last one is not found hours in
+        for task in scenario.task_list():
+            try:
+                load_task_data(scenario, task, host, _data_root(args))
+            except (RunError, DatasetError) as exc:
+                return _fail(console, f"{path}: {exc}")
     try:
         tracker = _tracker(args)
     except (TrackingError, _TrackingSetup) as exc:

@@ -100,9 +100,50 @@ def _check_task_data(ckpt: Checkpoints, task: str, ds: ImageDataset) -> str:
     return fp
 
 
+@dataclass(frozen=True)
+class TaskData:
+    """A task's dataset, loaded before any task trains, and its fingerprint."""
+
+    ds: ImageDataset
+    load_s: float
+    fp: str
+
+
+def load_task_data(
+    scenario: Scenario, task: Task, host: Host, data_root: Path | None
+) -> tuple[ImageDataset, float]:
+    """The task's dataset and its load time; a dataset that cannot be loaded, or a targeted
+    attack with no class to aim at, is a one-line error (DatasetError, RunError)."""
+    t0 = time.perf_counter()
+    spec = task.data
+    ds = host.registry.build("datasets", spec.name, spec.params, data_root=data_root)
+    load_s = time.perf_counter() - t0
+    log.info(
+        "task %s: %d images %s, loaded in %.1f s", task.name, len(ds), tuple(ds.x.shape[1:]), load_s
+    )
+    for spec_ in scenario.attacks:
+        if problem := target_problem(spec_, ds.classes):
+            raise RunError(f"task {task.name}: {problem}")
+    return ds, load_s
+
+
+def load_all_task_data(
+    scenario: Scenario, host: Host, data_root: Path | None, run_dir: Path
+) -> dict[str, TaskData]:
+    """Every task's data before any task trains: a missing dataset, or a resume on other
+    data, for the last task is one line at the start, not after the first tasks' hours."""
+    ckpt = Checkpoints(run_dir / "checkpoint")
+    loaded = {}
+    for task in scenario.task_list():
+        ds, load_s = load_task_data(scenario, task, host, data_root)
+        loaded[task.name] = TaskData(ds, load_s, _check_task_data(ckpt, task.name, ds))
+    return loaded
+
+
 def run_task(
     scenario: Scenario,
     task: Task,
+    data: TaskData,
     host: Host,
     data_root: Path | None,
     device: torch.device,
@@ -113,18 +154,8 @@ def run_task(
     code_fp: dict[str, str],
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    spec = task.data
-    ds = host.registry.build("datasets", spec.name, spec.params, data_root=data_root)
-    load_s = time.perf_counter() - t0
-    log.info(
-        "task %s: %d images %s, loaded in %.1f s", task.name, len(ds), tuple(ds.x.shape[1:]), load_s
-    )
-    for spec_ in scenario.attacks:  # before any training: it may take hours
-        if problem := target_problem(spec_, ds.classes):
-            raise RunError(f"task {task.name}: {problem}")
+    spec, ds, data_fp = task.data, data.ds, data.fp
     ckpt = Checkpoints(run_dir / "checkpoint")
-    data_fp = _check_task_data(ckpt, task.name, ds)
     cache = FederationCache(cache_dir() / "federations")
     seeds = scenario.seeds()
     repeats = []
@@ -158,7 +189,7 @@ def run_task(
         },
         "repeats": repeats,
         "summary": summarise(repeats),
-        "timing": {"dataset_load_s": load_s},
+        "timing": {"dataset_load_s": data.load_s},
     }
 
 
@@ -272,14 +303,16 @@ def run_scenario(
             if note := hosts_note({"hardware": {"hosts": hosts}}):
                 warn(note)
 
+            data = load_all_task_data(scenario, host, data_root, run_dir)
+
             def run_tasks(engine: Engine) -> dict[str, Any]:
                 tasks = {}
                 progress = make_progress(console) if show_progress else None
                 with progress if progress is not None else nullcontext():
                     for task in scenario.task_list():
                         tasks[task.name] = run_task(
-                            scenario, task, host, data_root, device, Bars(progress), run_dir,
-                            use_cache, engine, code_fp, warn,
+                            scenario, task, data[task.name], host, data_root, device,
+                            Bars(progress), run_dir, use_cache, engine, code_fp, warn,
                         )  # fmt: skip
                 return tasks
 

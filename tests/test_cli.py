@@ -152,6 +152,32 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(
     assert not (tmp_path / "cache").exists()  # before any training
 
 
+def test_a_later_tasks_or_scenarios_missing_data_stops_before_any_training(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TESTBED_DATA_ROOT", raising=False)
+    synthetic = TINY[TINY.index("[data]") : TINY.index("[model]")]
+    two_tasks = TINY.replace(
+        synthetic,
+        '[[tasks]]\nname = "a"\n[tasks.data]\nname = "synthetic"\n'
+        "params = { n_samples = 90, image_size = 16 }\n"
+        '[[tasks]]\nname = "b"\n[tasks.data]\nname = "brain_mri"\n'
+        'params = { task = "meningioma" }\n',
+    )
+    (tmp_path / "two.toml").write_text(two_tasks)
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "two.toml"), "--out", str(out), "--no-progress"]) == 2
+    assert "dataset 'brain_mri' needs a data root" in capsys.readouterr().err
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "mri.toml").write_text(two_tasks.replace('name = "tiny"', 'name = "mri"'))
+    files = [str(tmp_path / "tiny.toml"), str(tmp_path / "mri.toml")]
+    assert main(["compare", *files, "--out", str(tmp_path / "cmp"), "--no-progress"]) == 2
+    assert f"{tmp_path / 'mri.toml'}: dataset 'brain_mri' needs" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "federations").exists()  # task a, tiny: never trained
+    assert not out.exists() and not (tmp_path / "cmp").exists()
+
+
 def test_task_flag_names_the_scenarios_tasks(capsys):
     assert main(["run", str(REPO / "scenarios" / "paper_baseline.toml"), "--task", "x"]) == 2
     err = capsys.readouterr().err
