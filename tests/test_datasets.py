@@ -3,6 +3,7 @@ the synthetic set, parameters. PCam's layouts: test_dataset_pcam.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,6 +186,51 @@ def test_cache_hit_then_rebuilt_when_corrupt_or_data_changes(
     write_jpeg(tensor_image(99, 3), str(extra))
     grown = load_brain_mri(params, tmp_path)
     assert decodes == [12, 12, 13] and len(grown) == len(cold) + 1
+
+
+def _keep_size_and_mtime(path: Path, grey: int) -> None:
+    """Overwrite an image in place with a flat grey one of the same byte length (an
+    uncompressed PNG's length depends on its shape alone) and restore its mtime."""
+    st = path.stat()
+    Image.fromarray(np.full((20, 20), grey, np.uint8)).save(path, "PNG", compress_level=0)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_an_edit_that_keeps_size_and_mtime_misses_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    make_brain_tree(tmp_path / "mri")
+    image = tmp_path / "mri" / "Training" / "no_tumor" / "image(0).jpg"
+    Image.fromarray(np.full((20, 20), 10, np.uint8)).save(image, "PNG", compress_level=0)
+    params = BrainMRIParams(task="meningioma", path="mri", image_size=20)
+    before = load_brain_mri(params, tmp_path)
+    i = before.ids.index("Training/no_tumor/image(0).jpg")
+    assert int(before.x[i].max()) == 10
+    _keep_size_and_mtime(image, 200)  # touch -r, cp -p, rsync -a: only the bytes tell
+    assert int(load_brain_mri(params, tmp_path).x[i].min()) == 200
+
+
+def test_stamps_key_serves_stand_ins_of_the_same_name_size_and_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU lease relies on (scripts/lease): with TESTBED_DATA_KEY=stamps, empty
+    files of the packed names, sizes and mtimes find the decoded cache of the real ones."""
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TESTBED_DATA_KEY", "stamps")
+    make_brain_tree(tmp_path / "mri")
+    params = BrainMRIParams(task="meningioma", path="mri", image_size=20)
+    real = load_brain_mri(params, tmp_path)
+    for f in (tmp_path / "mri").rglob("*.jpg"):
+        st = f.stat()
+        f.write_bytes(bytes(st.st_size))
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stand_ins = load_brain_mri(params, tmp_path)
+    assert torch.equal(stand_ins.x, real.x) and stand_ins.ids == real.ids
+    monkeypatch.delenv("TESTBED_DATA_KEY")  # by content, the empty files are not images
+    with pytest.raises(DatasetError, match="cannot decode image"):
+        load_brain_mri(params, tmp_path)
 
 
 # --------------------------------------------------------------------------------------

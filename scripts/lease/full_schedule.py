@@ -8,9 +8,10 @@ no package index and none of ../shared. This driver:
 1. installs the carried wheels (.lease/whl) into /tmp/site;
 2. restores the data pack.sh made: the decoded datasets into the testbed cache, the
    source images that key them as empty sparse files of the recorded names, sizes and
-   mtimes, and the label lists whole (never over a real file that differs); then loads
-   every task through the real loader and compares shape, pixel sum and label count
-   with what pack.sh recorded, and stops before any run if one differs;
+   mtimes (``TESTBED_DATA_KEY=stamps``: keyed by mtime, not content), and the label
+   lists whole (never over a real file that differs); then loads every task through the
+   real loader and compares shape, pixel sum and label count with what pack.sh
+   recorded, and stops before any run if one differs;
 3. with --bench, runs the captured step's GPU tests (tests/test_captured.py), times the
    engines' training step on the GPU (benchmarks/test_engine_step.py, BENCH_DEVICE=cuda:
    eager and captured, each with and without augmentation, stacked) and the step's faster
@@ -212,7 +213,12 @@ def main() -> int:
     log = work / "lease.log"
     deadline = time.time() + args.budget - (time.monotonic() - _T0) - 15  # 15 s to pack
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    # the images restored below are empty stand-ins: the loaders key their caches by the
+    # files' mtimes here, not their contents (the check below compares the images instead)
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1",
+        TESTBED_DATA_KEY="stamps",
+    )  # fmt: skip
     if args.install:
         env.update(install(log))
         env["TESTBED_CACHE_DIR"] = "/tmp/testbed-cache"

@@ -6,7 +6,8 @@
 #
 # - .lease/whl: wheels the lent machine's image lacks (cp312, manylinux), and testbed's own;
 # - .lease/cache: each task's decoded dataset (testbed's own cache payload, xz), with
-#   .lease/stamps.json: the names, sizes and mtimes of the source files that key it and a
+#   .lease/stamps.json: the names, sizes and mtimes of the source files that key it (with
+#   TESTBED_DATA_KEY=stamps; by default the loaders key by content) and a
 #   checksum of the images. full_schedule.py recreates the images there as empty sparse
 #   files so the loader finds its cache under the same key; the other files (label lists,
 #   which a loader reads before it looks in its cache) travel whole in .lease/files. The
@@ -31,7 +32,9 @@ for pkg in pydantic pydantic_core typing-inspection annotated-types typing_exten
 done
 python3 -m pip download -q "${py312[@]}" -d .lease/whl "${pins[@]}"
 "$BIN/pip" wheel -q --no-deps --no-build-isolation -w .lease/whl .
-TESTBED_CACHE_DIR=$PWD/.lease/cache-raw "$BIN/python" - "$DATA_ROOT" $TASKS <<'PY'
+# keyed by mtime (TESTBED_DATA_KEY=stamps), as the lent machine's stand-ins will key them
+TESTBED_CACHE_DIR=$PWD/.lease/cache-raw TESTBED_DATA_KEY=stamps \
+  "$BIN/python" - "$DATA_ROOT" $TASKS <<'PY'
 import json, shutil, sys
 from pathlib import Path
 
