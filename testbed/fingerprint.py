@@ -62,19 +62,27 @@ def _module_of(obj: object) -> ModuleType | None:
     return inspect.getmodule(obj) or sys.modules.get(type(obj).__module__)
 
 
+def _top_package(mod: ModuleType) -> ModuleType:
+    """The top-level package ``mod`` belongs to, where that package has source files."""
+    top = sys.modules.get(mod.__name__.partition(".")[0])
+    return top if top is not None and getattr(top, "__file__", None) else mod
+
+
 def code_fingerprint(host: Host, extra: Iterable[object] = ()) -> dict[str, str]:
     """Module name -> content digest, for testbed itself, every loaded plugin and the
     module of every registered component's factory (and of ``extra`` objects)."""
     import testbed
 
     modules: dict[str, ModuleType] = {"testbed": testbed}
-    objs: list[object] = [p for _, p in host.pm.list_name_plugin()]
-    objs += [c.factory for k in host.registry.kinds.values() for c in k.components.values()]
+    # a plugin is its whole top-level package: an entry point such as mypkg.plugin
+    # imports its siblings (mypkg.maths), whose edits must change the digest too
+    plugins = [_top_package(m) for _, p in host.pm.list_name_plugin() if (m := _module_of(p))]
+    objs: list[object] = [
+        c.factory for k in host.registry.kinds.values() for c in k.components.values()
+    ]
     objs += list(extra)
-    for obj in objs:
-        mod = _module_of(obj)
-        if mod is not None:
-            modules.setdefault(mod.__name__, mod)
+    for mod in [*plugins, *filter(None, map(_module_of, objs))]:
+        modules.setdefault(mod.__name__, mod)
     out: dict[str, str] = {}
     for name in sorted(modules):
         files = _package_files(modules[name])

@@ -2,6 +2,7 @@
 is found through the entry-point group and acts in a real run like a built-in."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -81,3 +82,28 @@ save_weights = false
     assert resolved["defences"] == [
         {"name": "norm_filter", "params": {"factor": 1.5, "min_updates": 3}}
     ]
+
+
+def test_a_plugin_entry_points_siblings_are_part_of_the_code_fingerprint(tmp_path, monkeypatch):
+    """An entry point such as ``mypkg.plugin`` imports its package's other modules; an edit
+    to one of them is other code, so the cache key and the resume check must see it."""
+    from testbed.fingerprint import code_fingerprint
+
+    pkg = tmp_path / "sibling_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "maths.py").write_text("def scale(x):\n    return 2 * x\n")
+    (pkg / "plugin.py").write_text(
+        "from testbed import hookimpl\nfrom sibling_pkg.maths import scale\n\n\n"
+        "@hookimpl\ndef testbed_register_aggregators(registry):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        before = code_fingerprint(build_host(autoload=False, extra_modules=["sibling_pkg.plugin"]))
+        (pkg / "maths.py").write_text("def scale(x):\n    return 30 * x\n")  # size differs
+        after = code_fingerprint(build_host(autoload=False, extra_modules=["sibling_pkg.plugin"]))
+    finally:
+        for name in ("sibling_pkg", "sibling_pkg.plugin", "sibling_pkg.maths"):
+            sys.modules.pop(name, None)
+    assert "sibling_pkg" in before and before["sibling_pkg"] != after["sibling_pkg"]
+    assert before["testbed"] == after["testbed"]
