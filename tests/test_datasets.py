@@ -233,6 +233,37 @@ def test_stamps_key_serves_stand_ins_of_the_same_name_size_and_mtime(
         load_brain_mri(params, tmp_path)
 
 
+def test_the_loaders_code_and_the_decoders_versions_key_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testbed.builtins import dataset_cache
+
+    src = Path(dataset_cache.__file__).parent
+    copy = tmp_path / "testbed" / "builtins"
+    copy.mkdir(parents=True)
+    for f in src.glob("dataset_*.py"):
+        shutil.copy(f, copy / f.name)
+    shutil.copy(src.parent / "data.py", copy.parent / "data.py")
+    digest = dataset_cache._decoder_digest.__wrapped__  # unmemoised: the copy is edited
+    assert digest(copy) == dataset_cache._decoder_digest()
+    for f in (copy / "dataset_files.py", copy.parent / "data.py"):  # each edit on its own
+        text = f.read_text()
+        f.write_text(text + "# resized another way\n")
+        assert digest(copy) != dataset_cache._decoder_digest(), f.name
+        f.write_text(text)
+    assert digest(copy) == dataset_cache._decoder_digest()
+
+    key = dataset_cache._cache_key("brain_mri", [("a.jpg", 1, "00")])
+    monkeypatch.setattr(dataset_cache.torchvision, "__version__", "0.0.0")
+    assert dataset_cache._cache_key("brain_mri", [("a.jpg", 1, "00")]) != key
+    monkeypatch.setenv("TESTBED_DATA_KEY", "stamps")  # a lease: its own versions, images checked
+    monkeypatch.setattr(dataset_cache.PIL, "__version__", "0.0.0")
+    stamped = dataset_cache._cache_key("brain_mri", [("a.jpg", 1, 5)])
+    monkeypatch.undo()
+    monkeypatch.setenv("TESTBED_DATA_KEY", "stamps")
+    assert dataset_cache._cache_key("brain_mri", [("a.jpg", 1, 5)]) == stamped
+
+
 # --------------------------------------------------------------------------------------
 # Synthetic
 # --------------------------------------------------------------------------------------

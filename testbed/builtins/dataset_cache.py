@@ -2,8 +2,9 @@
 
 Decoding thousands of JPEG, PNG or TIFF files is slow and every run on the same data
 needs the same tensors, so a loader keeps what it decoded ({x, y, ids, info}) under
-``$TESTBED_CACHE_DIR`` (default ``~/.cache/testbed``), keyed by the loader's parameters
-and the names, sizes and contents of its source files. Kept apart from the loaders because
+``$TESTBED_CACHE_DIR`` (default ``~/.cache/testbed``), keyed by the loader's parameters,
+the names, sizes and contents of its source files, the loaders' own code and the
+decoding libraries' versions. Kept apart from the loaders because
 the runner and the search keep their trained federations in the same folder
 (``cache_dir() / "federations"``).
 """
@@ -14,14 +15,17 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
+import torchvision
 
 CACHE_ENV = "TESTBED_CACHE_DIR"
 DATA_KEY_ENV = "TESTBED_DATA_KEY"
-# Bump when the cached payload or the decoding changes, so old caches are never reused.
+# The payload's format, checked on load (a change to the decoding changes the key itself)
 CACHE_VERSION = 1
 
 
@@ -30,8 +34,27 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "testbed"
 
 
+@lru_cache(maxsize=4)
+def _decoder_digest(here: Path = Path(__file__).parent) -> str:
+    """The loaders' own source (this folder's dataset_*.py and testbed/data.py): an edit to
+    the decoding or resizing misses every cache, with no version number to remember."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in [*sorted(here.glob("dataset_*.py")), here.parent / "data.py"]:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def _cache_key(*parts: object) -> str:
-    return hashlib.blake2b(repr((CACHE_VERSION, *parts)).encode(), digest_size=16).hexdigest()
+    """``parts`` with the loaders' code and, keyed by content, the decoders' versions
+    (libjpeg, libpng and the resize kernels ship with them). By stamps (a GPU lease), the
+    versions are the lent machine's own, and its images are compared after loading."""
+    libs = () if _by_stamps() else (torchvision.__version__, PIL.__version__)
+    key = repr((CACHE_VERSION, _decoder_digest(), libs, *parts))
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def _by_stamps() -> bool:
+    return os.environ.get(DATA_KEY_ENV, "content") == "stamps"
 
 
 def _file_stamp(files: Sequence[Path], base: Path) -> list[tuple[str, int, int | str]]:
@@ -42,7 +65,7 @@ def _file_stamp(files: Sequence[Path], base: Path) -> list[tuple[str, int, int |
     ``TESTBED_DATA_KEY=stamps`` keys by mtime instead, for a machine that holds empty
     stand-ins of the images beside their decoded cache (scripts/lease, which compares the
     decoded images with the packed ones itself before any run)."""
-    by_mtime = os.environ.get(DATA_KEY_ENV, "content") == "stamps"
+    by_mtime = _by_stamps()
     out: list[tuple[str, int, int | str]] = []
     for f in files:
         st = f.stat()
