@@ -3,7 +3,8 @@
 A cached federation or a resumed run is only valid for the same data and the same code.
 Paths and version strings are not enough: a data root can hold another copy of a dataset
 under the same name, and an editable install keeps its version while its code changes.
-So both are hashed by content.
+So both are hashed by content, and the versions of the libraries that compute with
+them are part of the code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import inspect
 import sys
 from collections.abc import Iterable
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -96,7 +98,28 @@ def code_fingerprint(host: Host, extra: Iterable[object] = ()) -> dict[str, str]
             h.update(_source_digest(f).encode())
         out[name] = h.hexdigest() if files else "(no source file)"
     dists = {f"dist:{d}": v for d, v in host.sources.values() if d}
-    return {**out, **dict(sorted(dists.items()))}
+    return {**out, **dict(sorted(dists.items())), **library_versions()}
+
+
+# The libraries testbed computes with: a new Opacus (noise, accounting), ART (the attacks
+# adversarial training crafts), torchvision (augmentation), numpy (partitions) or
+# scikit-learn (FLAME's clustering) is other code. torch is the host's float path instead
+# (hostinfo.py): a federation from another torch is used, and said so.
+LIBRARIES = (
+    "adversarial-robustness-toolbox", "captum", "numpy", "opacus", "optuna", "pillow",
+    "scikit-image", "scikit-learn", "scipy", "torchvision",
+)  # fmt: skip
+
+
+def library_versions() -> dict[str, str]:
+    """``lib:<distribution>`` -> installed version, "(absent)" where not installed."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[f"lib:{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[f"lib:{name}"] = "(absent)"
+    return out
 
 
 def check_code_unchanged(host: Host, started: dict[str, str], before: str) -> None:

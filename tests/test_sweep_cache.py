@@ -113,3 +113,21 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path, mo
     err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
     assert "the trained federation could not be cached" in err and "Traceback" not in err
     assert not list(tmp_path.glob("**/*.tmp"))  # no half-written entry left behind
+
+
+def test_another_opacus_or_art_is_other_code_a_federation_is_retrained(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from testbed import fingerprint
+
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    first = run(tmp_path, scenario_file(tmp_path, TINY), "a")
+    real = metadata.version
+    for lib in ("opacus", "adversarial-robustness-toolbox"):
+        monkeypatch.setattr(
+            fingerprint.metadata, "version", lambda n, lib=lib: "0.0.1" if n == lib else real(n)
+        )
+        other = run(tmp_path, scenario_file(tmp_path, TINY), f"with-{lib}")
+        assert other["cache"]["hit"] is False and other["cache"]["key"] != first["cache"]["key"]
+    monkeypatch.setattr(fingerprint.metadata, "version", real)
+    assert run(tmp_path, scenario_file(tmp_path, TINY), "back")["cache"]["hit"] is True
