@@ -64,6 +64,10 @@ def load_federation(
             bare, host, data_root=data_root, out=Path(tmp) / "run", show_progress=False
         ).metrics
     cache = metrics["tasks"][task_name]["repeats"][0]["cache"]
+    if not_stored := cache.get("not_stored"):  # the search reads its models from the cache
+        raise RunError(
+            f"the search needs the federation cache, which could not be written ({not_stored})"
+        )
     try:
         entry = FederationCache(cache_dir() / "federations").load(cache["key"])
     except BadEntry as exc:

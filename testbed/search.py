@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from testbed.assemble import per_run_objects
+from testbed.builtins.dataset_cache import cache_dir
 from testbed.cached_federation import load_federation
 from testbed.perceptibility import pool_perceptibility
 from testbed.pluginmanager import Host
@@ -128,6 +129,7 @@ def run_search(
     console = console or Console(stderr=True)
     spec = check_space(scenario, search, host)
     make_dir(out, f"the search folder {out}")
+    make_dir(cache_dir() / "federations", "the federation cache the search reads its models from")
     storage = search.storage or default_storage(scenario)
     name = search.study_name or f"{scenario.scenario.name}-{search.attack}"
     study = _open_study(search, storage, name)  # all three before any training

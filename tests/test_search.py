@@ -173,3 +173,14 @@ def test_search_on_the_quickstart_is_at_least_as_strong_as_its_configured_attack
     assert result["best"]["value"] >= configured["PGD-10"]["value"]
     p = result["best"]["perceptibility"]
     assert p["ssim_mean"] >= 0.93 and p["linf_max"] <= 0.05 + 1e-6
+
+
+def test_a_federation_cache_it_cannot_write_is_one_line_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "a_file"))  # the models go there
+    assert main(["search", str(write(tmp_path, "")), "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot create the federation cache the search reads its models from" in err
+    assert "federation:" not in err  # nothing trained
