@@ -32,6 +32,7 @@ from testbed.metrics import (
     true_label_asr,
 )
 from testbed.perceptibility import perceptibility, pool_perceptibility
+from testbed.pluginmanager import PluginError
 from testbed.registry import Registry
 from testbed.scenario import Attack
 from testbed.state import InferenceBatch, derive_seed, generator
@@ -175,6 +176,8 @@ def run_attack(
             batches = math.ceil(len(x_np) / spec.params.get("batch_size", len(x_np)))
             costs.append((time.perf_counter() - t0) / batches)
         # some ART attacks return float64 (HopSkipJump's search): the models take float32
+        if problem := budget_violation(x_np, x_adv_np, budget(spec.params)):
+            raise PluginError(f"attack {spec.label} ({spec.name}) {problem}")
         x_adv = torch.from_numpy(x_adv_np.astype(x_np.dtype, copy=False)).to(device)
         linf = max(linf, float((x_adv - x).abs().max()))
         adv = [predict(d, x_adv, hooks, (seed, "attack-adv", spec.label, a)) for d in deployed]
@@ -320,6 +323,32 @@ def budget(params: dict[str, Any]) -> dict[str, Any] | None:
     if "eps" not in params:
         return None
     return {"norm": str(params.get("norm", "inf")), "eps": float(params["eps"])}
+
+
+def budget_violation(x: np.ndarray, x_adv: np.ndarray, bound: dict[str, Any] | None) -> str | None:
+    """Why ``x_adv`` is not a valid attack on ``x`` (wrong shape, non-finite, outside the
+    [0, 1] pixel range, or past its stated ``bound``), else None. An attack past its budget
+    (a plugin's bug, eps in other units) would report a higher ASR that looks valid.
+    The slack covers float32 rounding: one projection, then the sum over an L2 norm."""
+    if x_adv.shape != x.shape:
+        return f"returned shape {tuple(x_adv.shape)} for inputs of shape {tuple(x.shape)}"
+    if not np.isfinite(x_adv).all():
+        return "returned non-finite pixels"
+    if x_adv.min() < -1e-6 or x_adv.max() > 1 + 1e-6:
+        return f"returned pixels outside [0, 1] ({x_adv.min():.4g} to {x_adv.max():.4g})"
+    if bound is None:
+        return None
+    delta = (x_adv.astype(np.float64) - x).reshape(len(x), -1)
+    eps = bound["eps"]
+    if bound["norm"] == "inf":
+        worst, slack = float(np.abs(delta).max(initial=0.0)), 1e-6
+    else:
+        order = float(bound["norm"])
+        worst = float(np.linalg.norm(delta, ord=order, axis=1).max(initial=0.0))
+        slack = 1e-4 * eps + 1e-6 * delta.shape[1] ** (1 / order)
+    if worst > eps + slack:
+        return f"went past its budget: L{bound['norm']} {worst:.6g} > eps {eps:.6g}"
+    return None
 
 
 def _class_name(classes: Sequence[str], i: int) -> str:

@@ -184,3 +184,21 @@ def test_bare_reference_loop_and_lean_art_path_agree(estimator, registry):
         assert np.abs(x_adv - X).max() <= EPS + 1e-6
         assert np.abs(x_adv - X).max() > EPS / 2
     assert np.mean(np.abs(art - bare) <= 1e-6) > 0.99
+
+
+def test_budget_violation_on_hand_made_cases():
+    from testbed.transfer import budget_violation
+
+    x = np.zeros((2, 1, 1, 2), dtype=np.float32)  # two images of two pixels
+    x_adv = x.copy()
+    x_adv[0, 0, 0] = [0.03, 0.04]  # L-inf 0.04, L2 0.05, L1 0.07
+    inf = {"norm": "inf", "eps": 0.04}
+    assert budget_violation(x, x_adv, inf) is None
+    assert "Linf 0.04 > eps 0.039" in budget_violation(x, x_adv, {**inf, "eps": 0.039})
+    assert budget_violation(x, x_adv, {"norm": "2", "eps": 0.05}) is None
+    assert "L2 0.05 > eps 0.049" in budget_violation(x, x_adv, {"norm": "2", "eps": 0.049})
+    assert "L1 0.07 > eps 0.06" in budget_violation(x, x_adv, {"norm": "1", "eps": 0.06})
+    assert budget_violation(x, x_adv + 5, None).startswith("returned pixels outside [0, 1]")
+    assert budget_violation(x, x_adv * np.nan, inf) == "returned non-finite pixels"
+    assert "shape (1, 1, 1, 2)" in budget_violation(x, x_adv[:1], inf)
+    assert budget_violation(x, x_adv + 4e-7, inf) is None  # float32 rounding is not a breach

@@ -144,7 +144,10 @@ def test_a_nested_change_of_an_engine_key_is_refused():
 
 
 BAD_TRAINER = """
+import numpy as np
+
 from testbed import hookimpl
+from testbed.registry import Params
 
 
 class BadTrainer:
@@ -170,6 +173,23 @@ class NumpyRecorder:
 def testbed_register_defences(registry):
     registry.add("bad_trainer", BadTrainer)
     registry.add("numpy_recorder", NumpyRecorder)
+
+
+class OvershootParams(Params):
+    eps: float = 0.05
+
+
+class Overshoot:  # an attack whose eps is in other units than the pixels' (x 4)
+    def __init__(self, p, estimator):
+        self.eps = p.eps
+
+    def generate(self, x, y=None, **kw):
+        return np.clip(x + 4 * self.eps, 0.0, 1.0)
+
+
+@hookimpl
+def testbed_register_attacks(registry):
+    registry.add("overshoot", Overshoot, params=OvershootParams)
 """
 
 
@@ -202,3 +222,14 @@ def test_numpy_record_values_keep_the_cache_on(tmp_path, module):
     rep = json.loads((out2 / "metrics.json").read_text())["tasks"]["synthetic"]["repeats"][0]
     assert rep["cache"]["hit"]
     assert [r["spread"] for r in rep["rounds"]] == [0.5, 1.0]
+
+
+def test_an_attack_past_its_budget_is_a_plugin_error_not_a_higher_asr(tmp_path, module, capsys):
+    scenario = tmp_path / "over.toml"
+    scenario.write_text(TINY + '\n[[attacks]]\nname = "overshoot"\nparams = { eps = 0.05 }\n')
+    out = tmp_path / "over"
+    code = main(["-p", module, "run", str(scenario), "--out", str(out), "--no-progress"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err
+    assert "attack OVERSHOOT (overshoot) went past its budget: Linf 0.2 > eps 0.05" in err
+    assert not out.exists()
