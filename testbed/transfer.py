@@ -60,12 +60,23 @@ def deploy(models: Sequence[nn.Module]) -> list[Deployed]:
 def predict(
     d: Deployed, x: torch.Tensor, hooks: Any, keys: tuple[object, ...], batch_size: int = 256
 ) -> torch.Tensor:
-    """``keys`` (the seed first, then the purpose) seed each batch's generator."""
+    """``keys`` (the seed first, then the purpose) seed each batch's generator. An input
+    defence that changes the batch's shape or returns non-finite pixels is a plugin error
+    naming it: a prediction per image it dropped, or of NaN, would be a wrong rate."""
     preds = []
     for start in range(0, x.shape[0], batch_size):
         g = generator(*keys, d.client_id, start)
         batch = InferenceBatch(d.client_id, x[start : start + batch_size], g)
-        hooks.testbed_inference_input(batch=batch)
+        shape = batch.x.shape
+
+        def check(batch: InferenceBatch = batch, shape: torch.Size = shape) -> None:
+            if batch.x.shape != shape:
+                raise ValueError(f"changed the batch's shape {tuple(shape)} to "
+                                 f"{tuple(batch.x.shape)}")  # fmt: skip
+            if not bool(torch.isfinite(batch.x).all()):
+                raise ValueError("returned non-finite pixels")
+
+        hooks.call_each("testbed_inference_input", check, batch=batch)
         preds.append(d.model(batch.x).argmax(1))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 

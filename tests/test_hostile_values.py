@@ -169,10 +169,34 @@ class NumpyRecorder:
         record["spread"] = np.float64(ctx.round) / 2
 
 
+class HalfBatch:  # an input defence that drops images: one prediction per kept image
+    stateless = True
+
+    def __init__(self, p):
+        pass
+
+    @hookimpl
+    def testbed_inference_input(self, batch):
+        batch.x = batch.x[: len(batch.x) // 2]
+
+
+class NaNPixels:
+    stateless = True
+
+    def __init__(self, p):
+        pass
+
+    @hookimpl
+    def testbed_inference_input(self, batch):
+        batch.x = batch.x * float("nan")
+
+
 @hookimpl
 def testbed_register_defences(registry):
     registry.add("bad_trainer", BadTrainer)
     registry.add("numpy_recorder", NumpyRecorder)
+    registry.add("half_batch", HalfBatch, stage="inference")
+    registry.add("nan_pixels", NaNPixels, stage="inference")
 
 
 class OvershootParams(Params):
@@ -233,3 +257,17 @@ def test_an_attack_past_its_budget_is_a_plugin_error_not_a_higher_asr(tmp_path, 
     assert code == 2 and "Traceback" not in err
     assert "attack OVERSHOOT (overshoot) went past its budget: Linf 0.2 > eps 0.05" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("defence", "message"),
+    [("half_batch", "changed the batch's shape (12, 1, 16, 16) to (6, 1, 16, 16)"),
+     ("nan_pixels", "returned non-finite pixels")],
+)  # fmt: skip
+def test_an_input_defence_that_drops_images_or_returns_nan_is_named(
+    tmp_path, module, capsys, defence, message
+):
+    code, out = _run(tmp_path, module, defence, defence)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    assert "failed in testbed_inference_input" in err and message in err

@@ -197,16 +197,6 @@ def test_bad_params_are_rejected(name, params, fragment, registry):
         comp.params.model_validate(params)
 
 
-class _NoHooks:
-    """The two hooks run_attack calls, with no defences registered."""
-
-    def testbed_inference_input(self, batch):
-        return None
-
-    def testbed_attack_preprocessing(self, client_id):
-        return []
-
-
 def _federation(n: int = 2) -> tuple[list, list[ClientData]]:
     models = [tiny_model(2, seed=s) for s in range(1, n + 1)]
     x = torch.from_numpy((X * 255).astype(np.uint8))
@@ -226,7 +216,7 @@ def _run(spec: Attack, registry, swap: bool = False) -> dict:
         clients,
         [0, 1],
         registry,
-        _NoHooks(),
+        build_host(autoload=False).hook,  # no defence registered
         seed=0,
         samples=len(X),
         num_classes=2,
