@@ -214,6 +214,17 @@ class Overshoot:  # an attack whose eps is in other units than the pixels' (x 4)
 @hookimpl
 def testbed_register_attacks(registry):
     registry.add("overshoot", Overshoot, params=OvershootParams)
+
+
+def three_outputs(p, in_channels, image_size, num_classes, mean, std):
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))  # whatever the task
+
+
+@hookimpl
+def testbed_register_models(registry):
+    registry.add("three_outputs", three_outputs)
 """
 
 
@@ -271,3 +282,15 @@ def test_an_input_defence_that_drops_images_or_returns_nan_is_named(
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "Traceback" not in err and not out.exists()
     assert "failed in testbed_inference_input" in err and message in err
+
+
+def test_a_model_with_other_outputs_than_classes_is_one_line_before_training(
+    tmp_path, module, capsys
+):
+    scenario = tmp_path / "model.toml"
+    scenario.write_text(TINY.replace("[model]\nparams", '[model]\nname = "three_outputs"\n#'))
+    out = tmp_path / "model"
+    code = main(["-p", module, "run", str(scenario), "--out", str(out), "--no-progress"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err
+    assert "model 'three_outputs' returns (1, 3) for one image, expected (1, 2)" in err
