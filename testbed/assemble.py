@@ -94,6 +94,22 @@ def make_server(
     return make_server_data(spec, ds.x, ds.y, len(ds.classes), seed, model, cfg, device)
 
 
+def _check_outputs(model: torch.nn.Module, name: str, ds: ImageDataset) -> None:
+    """One image through the model in eval mode (no state kept): a model with another
+    number of outputs than classes would train, its argmax naming classes the task lacks."""
+    expected = (1, len(ds.classes))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, ds.channels, ds.image_size, ds.image_size))
+    except Exception as exc:  # a plugin model's bug: one line, not a traceback mid-run
+        raise RunError(f"model {name!r} fails on one image: {type(exc).__name__}: {exc}") from exc
+    model.train(was_training)
+    if tuple(getattr(out, "shape", ())) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RunError(f"model {name!r} returns {got} for one image, expected {expected}")
+
+
 def build_model(scenario: Scenario, host: Host, ds: ImageDataset, seed: int) -> torch.nn.Module:
     mean, std = ds.channel_stats()
     spec = scenario.model
@@ -111,20 +127,7 @@ def build_model(scenario: Scenario, host: Host, ds: ImageDataset, seed: int) -> 
             )
         except ValueError as exc:  # e.g. images too small for the model's poolings
             raise RunError(f"model {spec.name!r}: {exc}") from None
-    # one image through it, in eval mode (no state, no random draw): a model with another
-    # number of outputs than classes would train, its argmax naming classes the task lacks
-    expected = (1, len(ds.classes))
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, ds.channels, ds.image_size, ds.image_size))
-    except Exception as exc:  # a plugin model's bug: one line, not a traceback mid-run
-        msg = f"model {spec.name!r} fails on one image: {type(exc).__name__}: {exc}"
-        raise RunError(msg) from exc
-    model.train(was_training)
-    if tuple(getattr(out, "shape", ())) != expected:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RunError(f"model {spec.name!r} returns {got} for one image, expected {expected}")
+        _check_outputs(model, spec.name, ds)  # seeded too: lazy layers initialise here
     return model
 
 
