@@ -191,4 +191,7 @@ def testbed_attack_preprocessing(client_id: int) -> list[Any] | None:
 @hookspec
 def testbed_privacy_spent() -> dict[str, Any] | None:
     """After training: the privacy this plugin's mechanism spent over all rounds so far,
-    as a dict with at least ``mechanism``, ``epsilon``, ``delta`` and ``accountant``."""
+    as a dict with at least ``mechanism``, ``accountant``, ``epsilon``, ``delta``, and at
+    what ``level`` ("client", "example"), ``against`` whom and under which client
+    ``sampling`` it holds (testbed.privacy.record_problem; a record without them is a
+    plugin error)."""

@@ -155,3 +155,27 @@ def report_notes(spent: dict[str, Any]) -> list[str]:
             f"confidence): {audit['verdict']}"
         )
     return lines
+
+
+# What a privacy figure must state to be sound (hookspecs.testbed_privacy_spent)
+RECORD_KEYS = ("mechanism", "accountant", "epsilon", "delta", "level", "against", "sampling")
+
+
+def record_problem(rec: Any) -> str | None:
+    """Why a mechanism's privacy record is not a sound figure, else None: it must say what
+    it is (mechanism, accountant), how much (epsilon >= 0, delta in [0, 1)), at what level,
+    against whom and under which client sampling it holds."""
+    if not isinstance(rec, dict):
+        return f"is a {type(rec).__name__}, not a dict"
+    missing = [k for k in RECORD_KEYS if rec.get(k) in (None, "")]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    try:
+        eps, delta = float(rec["epsilon"]), float(rec["delta"])
+    except (TypeError, ValueError):
+        return f"has epsilon {rec['epsilon']!r} and delta {rec['delta']!r}, not numbers"
+    if math.isnan(eps) or eps < 0:
+        return f"has epsilon {eps}, not >= 0"
+    if not 0 <= delta < 1:
+        return f"has delta {delta}, not in [0, 1)"
+    return None

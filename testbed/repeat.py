@@ -31,8 +31,9 @@ from testbed.hostinfo import differences, float_path
 from testbed.local_training import ClientData, LocalConfig, get_weights, set_weights
 from testbed.metrics import client_model_spread
 from testbed.outsider import run_outsider
-from testbed.pluginmanager import Host
+from testbed.pluginmanager import Host, PluginError, implementers_text
 from testbed.poisoning_run import build_threat, poisoning_metrics, threat_key, threat_warnings
+from testbed.privacy import record_problem
 from testbed.progress import Bars
 from testbed.robust_eval import evaluate_repeat
 from testbed.rundir import Checkpoints, RunError, safe_name, torch_save_atomic
@@ -259,6 +260,13 @@ def _train(job: Repeat, per_run: list[object]) -> Trained:
         privacy = cached["privacy"]
     else:
         privacy = [p for p in host.hook.testbed_privacy_spent() if p]
+        for record in privacy:
+            if problem := record_problem(record):
+                raise PluginError(
+                    f"plugin {implementers_text(host.hook, 'testbed_privacy_spent')}: a "
+                    f"privacy record {problem}; a figure must say at what level, against "
+                    "whom and under which sampling it holds"
+                )
         check_code_unchanged(host, job.code_fp, "before caching the federation")
         not_stored = cache.save(
             key,

@@ -191,8 +191,18 @@ class NaNPixels:
         batch.x = batch.x * float("nan")
 
 
+class VaguePrivacy:  # a figure that does not say at what level or against whom it holds
+    def __init__(self, p):
+        pass
+
+    @hookimpl
+    def testbed_privacy_spent(self):
+        return {"mechanism": "vague", "epsilon": 1.0, "delta": 1e-5, "accountant": "rdp"}
+
+
 @hookimpl
 def testbed_register_defences(registry):
+    registry.add("vague_privacy", VaguePrivacy)
     registry.add("bad_trainer", BadTrainer)
     registry.add("numpy_recorder", NumpyRecorder)
     registry.add("half_batch", HalfBatch, stage="inference")
@@ -294,3 +304,27 @@ def test_a_model_with_other_outputs_than_classes_is_one_line_before_training(
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "Traceback" not in err
     assert "model 'three_outputs' returns (1, 3) for one image, expected (1, 2)" in err
+
+
+def test_a_privacy_figure_that_does_not_say_where_it_holds_is_a_plugin_error(
+    tmp_path, module, capsys
+):
+    code, out = _run(tmp_path, module, "vague_privacy", "vague")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    assert "a privacy record lacks level, against, sampling" in err
+
+
+def test_privacy_record_problems_on_hand_made_records():
+    from testbed.privacy import record_problem
+
+    sound = {"mechanism": "m", "accountant": "rdp", "epsilon": 2.0, "delta": 1e-5,
+             "level": "client", "against": "the server", "sampling": "all clients"}  # fmt: skip
+    assert record_problem(sound) is None
+    assert record_problem({**sound, "epsilon": "inf"}) is None  # as metrics.json stores it
+    assert record_problem({**sound, "against": ""}) == "lacks against"
+    assert record_problem({**sound, "epsilon": -1.0}) == "has epsilon -1.0, not >= 0"
+    assert record_problem({**sound, "epsilon": math.nan}) == "has epsilon nan, not >= 0"
+    assert record_problem({**sound, "delta": 1.0}) == "has delta 1.0, not in [0, 1)"
+    assert record_problem({**sound, "delta": "small"}).endswith("not numbers")
+    assert record_problem([sound]) == "is a list, not a dict"
