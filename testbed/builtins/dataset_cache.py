@@ -4,9 +4,8 @@ Decoding thousands of JPEG, PNG or TIFF files is slow and every run on the same 
 needs the same tensors, so a loader keeps what it decoded ({x, y, ids, info}) under
 ``$TESTBED_CACHE_DIR`` (default ``~/.cache/testbed``), keyed by the loader's parameters,
 the names, sizes and contents of its source files, the loaders' own code and the
-decoding libraries' versions. Kept apart from the loaders because
-the runner and the search keep their trained federations in the same folder
-(``cache_dir() / "federations"``).
+decoding libraries' versions. Kept apart from the loaders because the runner and the
+search keep their trained federations in the same folder (``cache_dir() / "federations"``).
 """
 
 from __future__ import annotations
