@@ -164,6 +164,9 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     names = [s.scenario.name for s in scenarios]
     if len(set(names)) != len(names):
         return _fail(console, f"scenario names must differ to be compared: {names}")
+    paired = list(zip(map(str, args.scenarios), scenarios, strict=True))
+    if clash := compare.label_clash(paired):
+        return _fail(console, clash)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("reports") / f"compare-{stamp}"
     if out.exists():

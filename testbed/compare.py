@@ -12,6 +12,7 @@ compare.json keeps the order the scenarios were given in.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,30 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.report import _num, pct
+from testbed.scenario import Scenario
+
+
+def label_clash(scenarios: Sequence[tuple[str, Scenario]]) -> str | None:
+    """Why two compared scenarios cannot share a table, else None: an attack label that
+    names different attacks (another name or params) in two scenarios of the same task,
+    whose column would set unlike attacks side by side."""
+    seen: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    for path, scenario in scenarios:
+        for task in scenario.task_list():
+            for a in scenario.attacks:
+                what = {"name": a.name, **a.params}
+                first = seen.setdefault((task.name, a.label), (path, what))
+                if first[1] != what:
+                    diff = ", ".join(
+                        f"{k} {first[1].get(k, '-')} vs {what.get(k, '-')}"
+                        for k in sorted(first[1].keys() | what.keys())
+                        if first[1].get(k) != what.get(k)
+                    )
+                    return (
+                        f"attack {a.label} on task {task.name} differs between {first[0]} and "
+                        f"{path} ({diff}): give one of them its own `label`"
+                    )
+    return None
 
 
 def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:

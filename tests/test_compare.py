@@ -85,3 +85,21 @@ def test_pareto_front_on_a_known_case():
         (float("nan"), 0.0),  # no number: never on the front
     ]
     assert pareto_front(points) == [True, True, False, True, True, False, False]
+
+
+def test_one_label_for_two_attacks_on_one_task_is_refused_before_running(tmp_path, capsys):
+    a, b, c = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "c.toml"
+    a.write_text(TINY.replace('name = "tiny"', 'name = "a"'))
+    b.write_text(TINY.replace('name = "tiny"', 'name = "b"').replace("eps = 0.05", "eps = 0.1"))
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"attack PGD-3 on task synthetic differs between {a} and {b} (eps 0.05 vs 0.1)" in err
+    assert not (tmp_path / "cmp").exists()
+    # its own label: two columns, no clash (checked by the same function the command runs)
+    from testbed.compare import label_clash
+    from testbed.pluginmanager import build_host
+    from testbed.scenario_load import load_scenario
+
+    c.write_text(b.read_text().replace('name = "pgd"', 'name = "pgd"\nlabel = "PGD-3 wide"'))
+    reg = build_host(autoload=False).registry
+    assert label_clash([(str(f), load_scenario(f, reg)) for f in (a, c)]) is None
