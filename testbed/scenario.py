@@ -235,6 +235,9 @@ class Evaluation(Strict):
 
     @model_validator(mode="after")
     def _seeds_match(self) -> Evaluation:
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            # one seed twice is one run twice: a spread of 0 over "independent" repeats
+            raise ValueError(f"seeds repeat a seed: {self.seeds}")
         if self.seeds is not None and len(self.seeds) != self.repeats:
             if "repeats" in self.model_fields_set:
                 raise ValueError(f"{len(self.seeds)} seeds given for {self.repeats} repeats")
@@ -319,6 +322,8 @@ class Scenario(Strict):
                 raise ValueError(
                     f"threat_model.adversaries {bad} out of range 0..{self.federation.clients - 1}"
                 )
+            if len(set(adv)) != len(adv):  # it would count twice in every mean over them
+                raise ValueError(f"threat_model.adversaries {adv} names a client twice")
         pool = self.threat_model.samples_per_adversary
         if self.explain is not None and self.explain.images > pool:
             raise ValueError(

@@ -91,6 +91,13 @@ def test_cross_field_rules(tmp_path, registry):
     text = MINIMAL + "[threat_model]\nadversaries = [0, 5]\n"
     (msg,) = problems(tmp_path, text, registry)
     assert "out of range" in msg
+    # one client or one seed twice would count twice in means and spreads over them
+    text = MINIMAL + "[threat_model]\nadversaries = [1, 0, 1]\n"
+    (msg,) = problems(tmp_path, text, registry)
+    assert "threat_model.adversaries [1, 0, 1] names a client twice" in msg
+    text = MINIMAL + "[evaluation]\nseeds = [4, 2, 4]\n"
+    (msg,) = problems(tmp_path, text, registry)
+    assert "evaluation" in msg and "seeds repeat a seed: [4, 2, 4]" in msg
 
 
 def test_duplicate_attack_labels_rejected(tmp_path, registry):
