@@ -10,7 +10,7 @@ import torch
 from testbed.builtins.partitioners import split_train_test
 from testbed.data import ImageDataset
 from testbed.local_training import ClientData, LocalConfig, seeded
-from testbed.pluginmanager import Host
+from testbed.pluginmanager import Host, PluginError
 from testbed.poisoning_run import build_threat
 from testbed.rundir import RunError
 from testbed.scenario import Scenario
@@ -43,6 +43,8 @@ def make_clients(
         parts = partition(ds.y if pool is None else ds.y[pool], n, generator(seed, "partition"))
     except ValueError as exc:  # the data cannot be split this way: a scenario mistake
         raise RunError(f"partitioner {spec.name!r}: {exc}") from None
+    if problem := partition_problem(parts, n, len(ds.y) if pool is None else len(pool)):
+        raise PluginError(f"partitioner {spec.name!r} {problem}")
     if pool is not None:
         parts = [pool[p] for p in parts]
     threat = build_threat(scenario, host, seed)  # compromised clients poison their data here
@@ -61,6 +63,26 @@ def make_clients(
         on = [t.to(device) for t in (x_train, y_tr, ds.x[te], ds.y[te])]
         clients.append(ClientData(cid, *on))
     return clients
+
+
+def partition_problem(parts: Any, n_clients: int, n_items: int) -> str | None:
+    """Why ``parts`` is not a partition of ``range(n_items)`` into ``n_clients`` index
+    tensors (the hookspec's contract), else None. An image in two clients' shares, or
+    twice in one (then in its train and its test split), inflates accuracy and transfer."""
+    if not isinstance(parts, list | tuple) or len(parts) != n_clients:
+        got = len(parts) if isinstance(parts, list | tuple) else type(parts).__name__
+        return f"returned {got} parts for {n_clients} clients"
+    for cid, part in enumerate(parts):
+        if not isinstance(part, torch.Tensor) or part.ndim != 1 or part.is_floating_point():
+            return f"returned a part for client {cid} that is not a 1-D tensor of indices"
+    flat = torch.cat([p.long() for p in parts]) if parts else torch.empty(0, dtype=torch.long)
+    if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= n_items):
+        return f"returned indices outside 0..{n_items - 1}"
+    if len(flat.unique()) != len(flat):
+        return "gave an image to two clients, or twice to one"
+    if len(flat) != n_items:
+        return f"left {n_items - len(flat)} of {n_items} images to no client"
+    return None
 
 
 def root_set_request(scenario: Scenario, host: Host) -> RootSet | None:

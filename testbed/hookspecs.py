@@ -42,7 +42,8 @@ def testbed_register_partitioners(registry: KindRegistry) -> None:
     """Register partitioners.
 
     ``factory(params) -> fn(labels: Tensor, n_clients: int, generator) -> list[Tensor]``,
-    returning one index tensor per client; together disjoint and complete.
+    returning one index tensor per client; together disjoint and complete
+    (``testbed.assemble.partition_problem``; otherwise a plugin error).
     """
 
 

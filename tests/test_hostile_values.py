@@ -235,6 +235,17 @@ def three_outputs(p, in_channels, image_size, num_classes, mean, std):
 @hookimpl
 def testbed_register_models(registry):
     registry.add("three_outputs", three_outputs)
+
+
+def everyone_gets_everything(p):  # benign models trained on the adversary's test images
+    import torch
+
+    return lambda labels, n, generator: [torch.arange(len(labels)) for _ in range(n)]
+
+
+@hookimpl
+def testbed_register_partitioners(registry):
+    registry.add("leaky", everyone_gets_everything)
 """
 
 
@@ -328,3 +339,15 @@ def test_privacy_record_problems_on_hand_made_records():
     assert record_problem({**sound, "delta": 1.0}) == "has delta 1.0, not in [0, 1)"
     assert record_problem({**sound, "delta": "small"}).endswith("not numbers")
     assert record_problem([sound]) == "is a list, not a dict"
+
+
+def test_a_partitioner_that_shares_images_between_clients_is_a_plugin_error(
+    tmp_path, module, capsys
+):
+    scenario = tmp_path / "leaky.toml"
+    scenario.write_text(TINY + '[partition]\nname = "leaky"\n')
+    out = tmp_path / "leaky"
+    code = main(["-p", module, "run", str(scenario), "--out", str(out), "--no-progress"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err
+    assert "partitioner 'leaky' gave an image to two clients, or twice to one" in err

@@ -191,3 +191,31 @@ def test_registered_through_the_plugin_system() -> None:
     assert {"noniid_chunks", "iid", "dirichlet"} <= set(host.registry["partitioners"].names())
     fn = host.registry.build("partitioners", "dirichlet", {"alpha": 1.0})
     _assert_partition(fn(LABELS, 3, generator(0)), LABELS.numel(), 3)
+
+
+def test_partition_problem_on_hand_made_splits():
+    from testbed.assemble import partition_problem
+
+    t = torch.tensor
+    assert partition_problem([t([0, 3]), t([1, 2, 4])], 2, 5) is None
+    assert partition_problem([t([0, 3]), t([1, 2, 3, 4])], 2, 5) == (
+        "gave an image to two clients, or twice to one"
+    )
+    assert partition_problem([t([0, 0, 3]), t([1, 2, 4])], 2, 5).startswith("gave an image")
+    assert partition_problem([t([0, 3]), t([1, 2])], 2, 5) == "left 1 of 5 images to no client"
+    assert partition_problem([t([0, 3]), t([1, 2, 5])], 2, 5) == "returned indices outside 0..4"
+    assert partition_problem([t([0, 1, 2, 3, 4])], 2, 5) == "returned 1 parts for 2 clients"
+    assert "not a 1-D tensor" in partition_problem([t([0.0, 3.0]), t([1, 2, 4])], 2, 5)
+    assert "not a 1-D tensor" in partition_problem([[0, 3], t([1, 2, 4])], 2, 5)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [("iid", {}), ("noniid_chunks", {}), ("dirichlet", {"alpha": 0.3})]
+)
+def test_every_built_in_partitioner_is_a_partition(name, params):
+    from testbed.assemble import partition_problem
+
+    labels = torch.arange(97) % 3
+    fn = build_host(autoload=False).registry.build("partitioners", name, params)
+    for n in (2, 3, 5):
+        assert partition_problem(fn(labels, n, generator(0, "p")), n, len(labels)) is None
