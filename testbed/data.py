@@ -31,8 +31,22 @@ class ImageDataset:
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.ndim != 4:
             raise ValueError("ImageDataset.x must be uint8 N x C x H x W")
+        if self.x.shape[-2] != self.x.shape[-1]:
+            raise ValueError(f"ImageDataset.x must hold square images, not {self.x.shape[-2:]}")
         if self.y.shape != (self.x.shape[0],):
             raise ValueError("ImageDataset.y must have one label per image")
+        if self.y.dtype.is_floating_point or self.y.dtype == torch.bool:
+            raise ValueError(f"ImageDataset.y must be integer class indices, not {self.y.dtype}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"ImageDataset.classes must name two or more classes once each: "
+                             f"{self.classes}")  # fmt: skip
+        # a label past the classes would train against an output the model does not have,
+        # or crash mid-run in the loss
+        if len(self.y) and not (int(self.y.min()) >= 0 and int(self.y.max()) < len(self.classes)):
+            raise ValueError(
+                f"ImageDataset.y must lie in 0..{len(self.classes) - 1} (one per class), "
+                f"got {int(self.y.min())}..{int(self.y.max())}"
+            )
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

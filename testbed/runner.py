@@ -33,7 +33,7 @@ from testbed.assemble import (
 )
 from testbed.builtins.dataset_cache import cache_dir
 from testbed.cache import FederationCache
-from testbed.data import ImageDataset
+from testbed.data import DatasetError, ImageDataset
 from testbed.engines import Engine
 from testbed.fingerprint import check_code_unchanged, code_fingerprint, data_fingerprint
 from testbed.hostinfo import float_path, hardware
@@ -116,7 +116,10 @@ def load_task_data(
     attack with no class to aim at, is a one-line error (DatasetError, RunError)."""
     t0 = time.perf_counter()
     spec = task.data
-    ds = host.registry.build("datasets", spec.name, spec.params, data_root=data_root)
+    try:
+        ds = host.registry.build("datasets", spec.name, spec.params, data_root=data_root)
+    except ValueError as exc:  # ImageDataset's contract, broken by a loader
+        raise DatasetError(f"dataset {spec.name!r}: {exc}") from None
     load_s = time.perf_counter() - t0
     log.info(
         "task %s: %d images %s, loaded in %.1f s", task.name, len(ds), tuple(ds.x.shape[1:]), load_s

@@ -4,6 +4,7 @@ the synthetic set, parameters. PCam's layouts: test_dataset_pcam.py."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -346,3 +347,27 @@ def test_dataset_seeds_are_bounded(field: str) -> None:
         with pytest.raises(ValidationError):
             model(**{field: bad})
     model(**{field: 2**63 - 1})
+
+
+def test_image_dataset_contract_on_hand_made_cases() -> None:
+    from testbed.data import ImageDataset
+
+    x = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    ok = ImageDataset(x, torch.tensor([0, 1, 1]), ("a", "b"))
+    assert len(ok) == 3 and ok.image_size == 4
+    bad = {
+        "must lie in 0..1 (one per class), got 0..2": (x, torch.tensor([0, 1, 2]), ("a", "b")),
+        "got -1..1": (x, torch.tensor([0, -1, 1]), ("a", "b")),
+        "integer class indices, not torch.float32": (x, torch.tensor([0.0, 1.0, 1.0]), ("a", "b")),
+        "two or more classes once each": (x, torch.tensor([0, 0, 0]), ("a",)),
+        "once each: ('a', 'a')": (x, torch.tensor([0, 1, 1]), ("a", "a")),
+        "square images": (
+            torch.zeros(3, 1, 4, 5, dtype=torch.uint8),
+            torch.tensor([0, 1, 1]),
+            ("a", "b"),
+        ),
+        "one label per image": (x, torch.tensor([0, 1]), ("a", "b")),
+    }
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ImageDataset(*args)

@@ -246,6 +246,20 @@ def everyone_gets_everything(p):  # benign models trained on the adversary's tes
 @hookimpl
 def testbed_register_partitioners(registry):
     registry.add("leaky", everyone_gets_everything)
+
+
+def three_labels_two_classes(p, data_root=None):
+    import torch
+
+    from testbed.data import ImageDataset
+
+    x = torch.zeros(90, 1, 16, 16, dtype=torch.uint8)
+    return ImageDataset(x, torch.arange(90) % 3, ("no_lesion", "lesion"))
+
+
+@hookimpl
+def testbed_register_datasets(registry):
+    registry.add("three_labels", three_labels_two_classes)
 """
 
 
@@ -351,3 +365,14 @@ def test_a_partitioner_that_shares_images_between_clients_is_a_plugin_error(
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "Traceback" not in err
     assert "partitioner 'leaky' gave an image to two clients, or twice to one" in err
+
+
+def test_a_dataset_with_labels_past_its_classes_is_one_line(tmp_path, module, capsys):
+    scenario = tmp_path / "labels.toml"
+    data = '[data]\nname = "synthetic"\nparams = { n_samples = 90, image_size = 16 }'
+    scenario.write_text(TINY.replace(data, '[data]\nname = "three_labels"'))
+    out = tmp_path / "labels"
+    code = main(["-p", module, "run", str(scenario), "--out", str(out), "--no-progress"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    assert "dataset 'three_labels': ImageDataset.y must lie in 0..1 (one per class)" in err
