@@ -99,6 +99,8 @@ def testbed_register_poisoning(registry: KindRegistry) -> None:
     - ``poison_data(x, y, num_classes, generator) -> (x, y)``: once per compromised client
       and run, on its training images (uint8 N x C x H x W) and labels, before training;
       raise ValueError for a task it cannot attack (e.g. a class that does not exist).
+      What it returns must still be the task's data (uint8 images of the same shape, one
+      label in range per image), or the run stops with one line.
     - ``poison_update(update, benign, ctx, generator) -> Tensor[d]``: on the server side of
       each round, before screening, for each sampled compromised client: ``update`` is its
       honest flat update; ``benign`` the sampled benign clients' updates ``[k, d]`` when

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from testbed.data import ImageDataset
 from testbed.local_training import ClientData
 from testbed.metrics import mean_std
 from testbed.pluginmanager import Host
@@ -47,12 +48,19 @@ class Threat:
         """Client ``cid``'s training data after every data-poisoning attack, in order."""
         if cid not in self.malicious:
             return x, y
+        shape, classes = tuple(x.shape[1:]), tuple(map(str, range(num_classes)))
         for i, (name, attack) in enumerate(self.attacks):
             if hasattr(attack, "poison_data"):
                 try:
                     x, y = attack.poison_data(
                         x, y, num_classes, generator(seed, "poison-data", cid, i)
                     )
+                    # what it returns is still a dataset of this task: uint8 images of the
+                    # same shape, one label in range per image (ImageDataset's own check)
+                    ImageDataset(x, y, classes)
+                    if tuple(x.shape[1:]) != shape:
+                        raise ValueError(f"returned images of shape {tuple(x.shape[1:])}, "
+                                         f"not {shape}")  # fmt: skip
                 except ValueError as exc:  # e.g. a target class the task does not have
                     raise RunError(f"poisoning[{i}] {name!r}: {exc}") from None
         return x, y

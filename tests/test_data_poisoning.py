@@ -1,5 +1,7 @@
 """Data poisoning: label flips by hand, and ART's trigger landing where expected."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,32 @@ def test_clean_label_backdoor_params():
         CleanLabelBackdoorParams(eps=0.01, eps_step=0.02)
     with pytest.raises(ValidationError):
         CleanLabelBackdoorParams(rate=1.0)  # ART needs 0 < pp_poison < 1
+
+
+class _Returns:  # a data-poisoning attack returning whatever it was given to return
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.out = (x, y)
+
+    def poison_data(self, x, y, num_classes, generator):
+        return self.out
+
+
+def test_poisoned_data_must_still_be_the_tasks_dataset():
+    from testbed.poisoning_run import Threat
+    from testbed.rundir import RunError
+
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 0, 1])
+    cases = {
+        "must lie in 0..1 (one per class), got 0..2": (x, torch.tensor([0, 1, 2, 1])),
+        "must be uint8": (x.float(), y),
+        "returned images of shape (1, 4, 4), not (1, 8, 8)": (x[:, :, :4, :4], y),
+        "one label per image": (x, y[:3]),
+    }
+    for message, out in cases.items():
+        threat = Threat((0,), False, [("flipper", _Returns(*out))])
+        with pytest.raises(RunError, match=r"poisoning\[0\] 'flipper': .*" + re.escape(message)):
+            threat.poison_data(0, x, y, 2, seed=0)
+    fine = Threat((0,), False, [("flipper", _Returns(x, 1 - y))])
+    assert torch.equal(fine.poison_data(0, x, y, 2, seed=0)[1], 1 - y)
+    assert fine.poison_data(1, x, y, 2, seed=0)[1] is y  # an honest client: untouched
