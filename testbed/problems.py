@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tomllib
 import types
@@ -147,17 +148,39 @@ def pydantic_problems(
 ) -> list[Problem]:
     """One Problem per pydantic error; ``model`` is the class that was validated, so that
     an unknown key can list the keys that model allows."""
-    problems = []
-    for err in exc.errors(include_url=False):
+    # (where, -1 for a union's members or the error's own index) -> messages, in order
+    problems: dict[tuple[str, int], list[str]] = {}
+    for i, err in enumerate(exc.errors(include_url=False)):
         loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        union = False
+        if err["type"] == "extra_forbidden":
+            msg = unknown_key_message(model, loc)
+        else:
+            # a union reports once per member, tagged "int", "float", ...: the user wrote
+            # one value at one place, so the tags go and that place gets one line
+            untagged = tuple(p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p)))
+            union = untagged != loc
+            loc = untagged
+            msg = err["msg"].removeprefix("Value error, ")
         where = dotted(loc)
         if prefix:
             where = f"{prefix}.{where}" if where else prefix
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = unknown_key_message(model, loc)
-        problems.append(Problem(file, where, msg))
-    return problems
+        msgs = problems.setdefault((where, -1 if union else i), [])
+        if msg not in msgs:
+            msgs.append(msg)
+    return [Problem(file, where, _either(msgs)) for (where, _), msgs in problems.items()]
+
+
+def _either(msgs: list[str]) -> str:
+    """'Input should be a valid integer; or a valid number' from a union's messages."""
+    head, *rest = msgs
+    return "; or ".join([head, *(m.removeprefix("Input should be ") for m in rest)])
+
+
+_UNION_TAG = re.compile(
+    r"^(int|float|str|bool|bytes|none|"
+    r"(list|dict|tuple|set|literal|is-instance|lax-or-strict|nullable)\[.*\])$"
+)
 
 
 def parse_document(path: Path) -> dict[str, Any]:

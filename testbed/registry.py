@@ -31,9 +31,10 @@ def singular(kind: str) -> str:
 
 
 class Params(BaseModel):
-    """Base for every component's parameters: unknown keys are errors."""
+    """Base for every component's parameters: unknown keys are errors, and so are NaN and
+    infinite floats (TOML writes them as ``nan`` and ``inf``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NoParams(Params):

@@ -56,7 +56,7 @@ SECTION_KINDS = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Component(Strict):

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from pydantic import BaseModel, ValidationError
 
 from testbed.cli import main
 from testbed.pluginmanager import build_host
-from testbed.problems import ScenarioError
+from testbed.problems import ScenarioError, pydantic_problems
 from testbed.scenario_load import load_scenario
 
 SCENARIOS = sorted((REPO / "scenarios").rglob("*.toml"))
@@ -98,6 +99,44 @@ def test_cross_field_rules(tmp_path, registry):
     text = MINIMAL + "[evaluation]\nseeds = [4, 2, 4]\n"
     (msg,) = problems(tmp_path, text, registry)
     assert "evaluation" in msg and "seeds repeat a seed: [4, 2, 4]" in msg
+
+
+def test_nan_and_inf_are_refused_in_every_float(tmp_path, registry):
+    # TOML has nan and inf literals; an infinite noise multiplier passed every bound and
+    # only failed in round 1 as a "plugin broke the download" error
+    text = (
+        MINIMAL
+        + """
+[federation]
+lr = nan
+[dp]
+name = "paper_dp"
+params = { noise_multiplier = inf }
+[[attacks]]
+name = "fgsm"
+params = { eps = -inf }
+"""
+    )
+    msgs = "\n".join(problems(tmp_path, text, registry))
+    for path in ("federation.lr", "dp.params.noise_multiplier", "attacks[0].params.eps"):
+        assert f"{path}: Input should be a finite number" in msgs
+
+
+def test_a_union_gives_one_line_per_place_not_one_per_member():
+    class M(BaseModel):
+        x: int | float
+        y: int
+        z: list[int | str]
+
+    with pytest.raises(ValidationError) as exc:
+        M(x="a", y="b", z=[1, [2]])
+    got = [str(p) for p in pydantic_problems("f.toml", exc.value, "sec")]
+    assert got == [
+        "f.toml: sec.x: Input should be a valid integer, unable to parse string as an "
+        "integer; or a valid number, unable to parse string as a number",
+        "f.toml: sec.y: Input should be a valid integer, unable to parse string as an integer",
+        "f.toml: sec.z[1]: Input should be a valid integer; or a valid string",
+    ]
 
 
 def test_duplicate_attack_labels_rejected(tmp_path, registry):

@@ -123,6 +123,7 @@ def test_reuses_the_cached_federation_and_resumes_the_study(tmp_path, monkeypatc
         (("eps = {", "confidence = {"), "relative_to = 'eps' is not a searched param"),
         (("eps_step = {", "confidence = {"), "pgd has no param confidence"),
         (("high = 0.1,", "high = 2.0,"), "search.space.eps = 2.0"),
+        (("high = 0.1,", "high = nan,"), "Input should be a finite number"),
         (("n_trials =", 'storage = "notaurl"\nn_trials ='), "storage 'notaurl': cannot open"),
     ],
 )
