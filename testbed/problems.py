@@ -215,7 +215,8 @@ def parse_document(path: Path) -> dict[str, Any]:
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str], file: str) -> None:
     """`--set federation.rounds=3`: values are TOML (3, 0.5, true, "x", [1, 2]); a bare
-    word is a string. Paths walk tables and list indices (attacks.0.params.eps)."""
+    word is a string. Paths walk tables and list indices: attacks.0.params.eps, or
+    attacks[0].params.eps as `testbed validate` names that place."""
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -227,7 +228,7 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str], file: str) -> Non
         except (tomllib.TOMLDecodeError, RecursionError, ValueError):
             value = raw  # not a TOML value: a bare word, kept as the string it is
         node: Any = doc
-        parts = key.split(".")
+        parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
         try:
             for part in parts[:-1]:
                 node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})

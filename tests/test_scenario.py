@@ -188,6 +188,12 @@ def test_set_overrides_any_value_and_reports_bad_paths(tmp_path, registry):
     )
     assert s.federation.rounds == 3 and s.attacks[0].params["eps"] == 0.1
     assert s.scenario.name == "x"
+    # the place as `testbed validate` names it works too
+    s = load_scenario(path, registry, ["attacks[0].params.eps=0.2"])
+    assert s.attacks[0].params["eps"] == 0.2
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(path, registry, ["attacks[0].params.eps=1e400"])  # TOML reads inf
+    assert "attacks[0].params.eps: Input should be a finite number" in str(exc.value)
     with pytest.raises(ScenarioError) as exc:
         load_scenario(path, registry, ["attacks.5.params.eps=0.1"])
     assert "--set attacks.5.params.eps: no such place" in str(exc.value)
