@@ -4,6 +4,7 @@ run folder left behind."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -14,6 +15,7 @@ from testbed.runner import partial_dir
 BROKEN = REPO / "tests" / "broken" / "scenarios"
 SCENARIO_FILES = sorted(p for p in BROKEN.iterdir() if p.suffix in (".toml", ".json"))
 USER_ERROR = 2
+STUTTER = re.compile(r"(\b\w+ '[^']+': )\1")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -25,7 +27,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
 
 
 def assert_reported(lines: list[str], expected: list[str], names: list[str]) -> None:
-    """Each expected text on one output line that also names every one of `names`."""
+    """Each expected text on one output line that also names every one of `names`, and
+    no line that stutters (the same "partitioner 'x': " twice, from two layers)."""
+    for line in lines:
+        assert not STUTTER.search(line), f"a prefix repeated: {line}"
     for exp in expected:
         assert any(exp in line and all(n in line for n in names) for line in lines), (
             f"no line holds {exp!r} and names {names}; output:\n" + "\n".join(lines)

@@ -20,18 +20,16 @@ from testbed.registry import KindRegistry, NoParams, Params
 PartitionFn = Callable[[torch.Tensor, int, torch.Generator], list[torch.Tensor]]
 
 
-def _check(labels: torch.Tensor, n_clients: int, name: str) -> int:
+def _check(labels: torch.Tensor, n_clients: int) -> int:
+    # no partitioner name in these messages: the engine prefixes every partitioner's error
     if labels.ndim != 1:
-        raise ValueError(
-            f"partitioner {name!r}: labels must be 1-D, got shape {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
     if n_clients < 1:
-        raise ValueError(f"partitioner {name!r}: n_clients must be at least 1, got {n_clients}")
+        raise ValueError(f"n_clients must be at least 1, got {n_clients}")
     n = labels.numel()
     if n_clients > n:
         raise ValueError(
-            f"partitioner {name!r}: {n_clients} clients but only {n} samples; "
-            "every client needs at least one"
+            f"{n_clients} clients but only {n} samples; every client needs at least one"
         )
     return n
 
@@ -67,11 +65,11 @@ def build_noniid_chunks(params: NonIIDChunksParams) -> PartitionFn:
     def partition(
         labels: torch.Tensor, n_clients: int, generator: torch.Generator
     ) -> list[torch.Tensor]:
-        n = _check(labels, n_clients, "noniid_chunks")
+        n = _check(labels, n_clients)
         n_chunks = n_clients * params.chunks_per_client
         if n_chunks > n:
             raise ValueError(
-                f"partitioner 'noniid_chunks': {n_clients} clients x "
+                f"{n_clients} clients x "
                 f"{params.chunks_per_client} chunks = {n_chunks} chunks, more than the "
                 f"{n} samples; lower chunks_per_client"
             )
@@ -101,7 +99,7 @@ def build_iid(params: NoParams) -> PartitionFn:
     def partition(
         labels: torch.Tensor, n_clients: int, generator: torch.Generator
     ) -> list[torch.Tensor]:
-        n = _check(labels, n_clients, "iid")
+        n = _check(labels, n_clients)
         perm = torch.randperm(n, generator=generator)
         return _finish(list(torch.tensor_split(perm, n_clients)))
 
@@ -131,10 +129,10 @@ def build_dirichlet(params: DirichletParams) -> PartitionFn:
     def partition(
         labels: torch.Tensor, n_clients: int, generator: torch.Generator
     ) -> list[torch.Tensor]:
-        n = _check(labels, n_clients, "dirichlet")
+        n = _check(labels, n_clients)
         if n_clients * params.min_per_client > n:
             raise ValueError(
-                f"partitioner 'dirichlet': {n_clients} clients x min_per_client="
+                f"{n_clients} clients x min_per_client="
                 f"{params.min_per_client} exceeds the {n} samples"
             )
         # torch.distributions takes no generator, so numpy draws, seeded from the torch
@@ -157,7 +155,7 @@ def build_dirichlet(params: DirichletParams) -> PartitionFn:
                     [torch.from_numpy(np.concatenate(ps).astype(np.int64)) for ps in parts]
                 )
         raise ValueError(
-            f"partitioner 'dirichlet': no draw in {params.max_tries} tries gave every one of "
+            f"no draw in {params.max_tries} tries gave every one of "
             f"{n_clients} clients at least {max(params.min_per_client, 1)} of {n} samples; "
             "raise alpha, lower min_per_client or use fewer clients"
         )
