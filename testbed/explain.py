@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from testbed.metrics import predicted
+
 METHODS = ("saliency", "integrated_gradients", "gradcam")
 FEATURES = ("log_total", "top_k_share", "entropy", "roughness")
 """The statistics of one map the detector reads (map_features)."""
@@ -268,7 +270,7 @@ def explain_attack(
     for role, (cid, model) in models.items():
         net = explainable(model)
         p_clean, p_adv = predict_proba(net, x), predict_proba(net, x_adv)
-        pred_clean, pred_adv = p_clean.argmax(1), p_adv.argmax(1)
+        pred_clean, pred_adv = predicted(p_clean), predicted(p_adv)
         flipped = (pred_clean != pred_adv).tolist()
         result["predictions"][role] = {
             "pred_clean": pred_clean.tolist(),

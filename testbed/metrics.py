@@ -7,13 +7,38 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+NO_PREDICTION = -1
+"""What ``predicted`` gives an image whose logits are not all finite: no class. argmax
+over NaN names the first class, so a diverged model would pass for one that predicts it;
+every rate over predictions holding one is NaN instead (n/a in the reports)."""
+
+
+def predicted(logits: torch.Tensor) -> torch.Tensor:
+    """The predicted classes of a batch of logits (or probabilities), NO_PREDICTION where a
+    row is not finite."""
+    return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), NO_PREDICTION)
+
+
+def unpredicted(*preds: torch.Tensor) -> bool:
+    """Whether any of ``preds`` holds NO_PREDICTION (a rate over them is then NaN)."""
+    return any(bool((p == NO_PREDICTION).any()) for p in preds)
+
+
+def class_name(classes: Sequence[str], i: int) -> str:
+    """A prediction's class name for captions; NO_PREDICTION (not classes[-1]) says none."""
+    return "none (non-finite output)" if i == NO_PREDICTION else str(classes[i])
+
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    if unpredicted(pred):
+        return math.nan
     return float((pred == y).float().mean())
 
 
 def attack_success_rate(pred_clean: torch.Tensor, pred_adv: torch.Tensor) -> float:
     """ASR of one model: share of attacked images whose predicted label changed."""
+    if unpredicted(pred_clean, pred_adv):
+        return math.nan
     return float((pred_clean != pred_adv).float().mean())
 
 
@@ -22,6 +47,8 @@ def true_label_asr(y: torch.Tensor, pred_clean: torch.Tensor, pred_adv: torch.Te
     clean, the share it misclassifies after the attack (NaN when it gets none right).
     `attack_success_rate` (the paper's, against the clean prediction) also counts images
     the model already got wrong and an attack that moves a wrong label to another."""
+    if unpredicted(pred_clean, pred_adv):
+        return math.nan
     right = pred_clean == y
     n = int(right.sum())
     return float((pred_adv[right] != y[right]).float().mean()) if n else math.nan
@@ -32,6 +59,8 @@ def error_transfer_rate(
 ) -> tuple[float, int]:
     """P(target misclassifies x_adv | source misclassifies x_adv), and how many x_adv
     the source misclassified (the condition's support; NaN rate when it is zero)."""
+    if unpredicted(pred_adv_source, pred_adv_target):
+        return math.nan, 0
     fooled = pred_adv_source != y
     n = int(fooled.sum())
     if n == 0:
@@ -117,6 +146,9 @@ def direction_asr(
     a lesion, the share moved to healthy (the missed diagnosis); among images it predicts
     healthy, the share moved to a lesion class. A change between two lesion classes counts
     in neither. NaN where the model predicts no image of that kind (support 0)."""
+    if unpredicted(pred_clean, pred_adv):
+        nan = math.nan
+        return {"lesion_to_healthy": nan, "healthy_to_lesion": nan, "n_lesion": 0, "n_healthy": 0}
     lesion = pred_clean != healthy
     n_lesion, n_healthy = int(lesion.sum()), int((~lesion).sum())
     missed = int(((pred_adv == healthy) & lesion).sum())
@@ -133,6 +165,8 @@ def targeted_success_rate(
     pred_clean: torch.Tensor, pred_adv: torch.Tensor, target: torch.Tensor
 ) -> float:
     """Share of images not already predicted as their target that now are (NaN if none)."""
+    if unpredicted(pred_clean, pred_adv):
+        return math.nan
     open_ = pred_clean != target
     n = int(open_.sum())
     return int((pred_adv[open_] == target[open_]).sum()) / n if n else math.nan
@@ -143,6 +177,8 @@ def robust_accuracy(
 ) -> float:
     """RobustBench's robust accuracy on one pool: the share of images classified correctly
     clean and under every attack (the strongest attack per image decides)."""
+    if unpredicted(pred_clean, *preds_adv):
+        return math.nan
     ok = pred_clean == y
     for p in preds_adv:
         ok &= p == y

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from testbed.local_training import ClientData, LocalConfig, local_sgd
+from testbed.metrics import accuracy, predicted
 from testbed.state import generator
 from testbed.transfer import Deployed, deploy, run_attack
 
@@ -41,8 +42,8 @@ def train_surrogate(
 def surrogate_accuracy(model: nn.Module, data: ClientData) -> float:
     """The surrogate's accuracy on its owner's own test split (how good a copy it is)."""
     with torch.no_grad():
-        pred = model(data.x_test.float().div(255)).argmax(1)
-    return float((pred == data.y_test).float().mean())
+        pred = predicted(model(data.x_test.float().div(255)))
+    return accuracy(pred, data.y_test)
 
 
 def run_outsider(

@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from testbed.metrics import class_name
+
 
 def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
@@ -125,9 +127,9 @@ def examples_figure(
         ax.set_title(caption, fontsize=8)
         ax.axis("off")
 
-    show(axes[0], first["x"], f"clean\npred {classes[first['pred_clean']]}")
+    show(axes[0], first["x"], f"clean\npred {class_name(classes, first['pred_clean'])}")
     for ax, (value, ex) in zip(axes[1:], loaded, strict=True):
-        show(ax, ex["x_adv"], f"{entry} {value:g}\npred {classes[ex['pred_adv']]}")
+        show(ax, ex["x_adv"], f"{entry} {value:g}\npred {class_name(classes, ex['pred_adv'])}")
     fig.suptitle(f"{title}: true {classes[first['label']]}, adversary {first['adversary']}")
     return _save(fig, out / f"examples_{_safe(entry)}.png")
 

@@ -21,7 +21,7 @@ import torch
 
 from testbed.data import ImageDataset
 from testbed.local_training import ClientData
-from testbed.metrics import mean_std
+from testbed.metrics import mean_std, unpredicted
 from testbed.pluginmanager import Host
 from testbed.rundir import RunError
 from testbed.scenario import Scenario
@@ -224,7 +224,7 @@ def poisoning_metrics(
                 x_trig, target = attack.backdoor_test(test.x_test, test.y_test)
                 keep = test.y_test != target  # images already of the target class prove nothing
                 pred = predict(d, to_unit(x_trig[keep]), hooks, (seed, "backdoor"))
-                rates[d.client_id] = _share(pred == target)
+                rates[d.client_id] = math.nan if unpredicted(pred) else _share(pred == target)
             out["backdoor_success"] = {
                 "attack": name,
                 "target": target,
@@ -238,7 +238,8 @@ def poisoning_metrics(
                 taught = mapping.to(test.y_test.device)[test.y_test]
                 flipped = taught != test.y_test
                 pred = predict(d, to_unit(test.x_test[flipped]), hooks, (seed, "targeted"))
-                rates[d.client_id] = _share(pred == taught[flipped])
+                hits = pred == taught[flipped]
+                rates[d.client_id] = math.nan if unpredicted(pred) else _share(hits)
             out["targeted_error"] = {"attack": name, **_per_client_rates(threat, rates)}
     totals = {"malicious_dropped": 0, "malicious": 0, "benign_dropped": 0, "benign": 0}
     for rec in history:

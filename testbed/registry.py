@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from testbed.strict import StrictModel
+
 Stage = Literal["training", "inference", "both"]
 """When a component acts. Only components that act during training are part of the
 federation cache key: changing an inference-only defence never retrains."""
@@ -30,11 +32,11 @@ def singular(kind: str) -> str:
     return kind[:-1] if kind.endswith("s") else kind
 
 
-class Params(BaseModel):
-    """Base for every component's parameters: unknown keys are errors, and so are NaN and
-    infinite floats (TOML writes them as ``nan`` and ``inf``)."""
+class Params(StrictModel):
+    """Base for every component's parameters: unknown keys are errors, and so are NaN,
+    infinite and beyond-float32 numbers (testbed.strict)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True)
 
 
 class NoParams(Params):

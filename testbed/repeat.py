@@ -301,7 +301,7 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
         set_weights(m, state.client_weights[cid])
         finals.append(m)
     deployed = deploy(finals)
-    acc = clean_accuracy(deployed, clients, host.hook, seed)
+    acc, diverged = clean_accuracy(deployed, clients, host.hook, seed)
     attacks: dict[str, Any] = ckpt.load_json(task.name, seed, "attacks") or {}
     bars.reset(t.attacks_bar, len(scenario.attacks) * len(adversaries), 0)
     for spec in scenario.attacks:
@@ -335,7 +335,7 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
             done=ckpt.load_json(task.name, seed, "outsider"),
             on_attack_done=lambda r: ckpt.save_json(task.name, seed, "outsider", r),
         )  # fmt: skip
-    events = [{"round": r["round"], **e} for r in state.history for e in r["events"]]
+    events = [{"round": r["round"], **e} for r in state.history for e in r["events"]] + diverged
     if threat is not None:
         poisoning = poisoning_metrics(
             threat, deployed, clients, host.hook, seed=seed, num_classes=len(ds.classes),

@@ -38,6 +38,10 @@ def pct(v: Any, std: Any = None, n: int = 1) -> str:
     return s + (f" ± {100 * _num(std):.2f}" if n > 1 and std is not None else "")
 
 
+def _pct1(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
+
+
 def _stat_pct(stat: dict[str, Any] | None) -> str:
     if not stat:
         return "n/a"
@@ -141,11 +145,12 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                 ["adversary", "own", "benign min", "benign median", "benign max"],
             )
             for adv, row in zip(a["adversaries"], asr, strict=True):
-                benign = [v for c, v in enumerate(row) if c != adv]
+                benign = [v for c, v in enumerate(row) if c != adv and not math.isnan(v)]
                 m.rows.append(
-                    [f"client {adv}", f"{100 * row[adv]:.1f}%"]
-                    + [f"{100 * f(benign):.1f}%" for f in (min, statistics.median, max)]
-                )
+                    [f"client {adv}", _pct1(row[adv])]
+                    + [_pct1(f(benign) if benign else math.nan)
+                       for f in (min, statistics.median, max)]
+                )  # fmt: skip
             out.append(m)
             continue
         m = TableData(
@@ -153,7 +158,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
             ["adversary", *[f"client {c}" for c in range(n_clients)]],
         )
         for adv, row in zip(a["adversaries"], asr, strict=True):
-            cells = [f"{100 * v:.1f}%" + (" (own)" if c == adv else "") for c, v in enumerate(row)]
+            cells = [_pct1(v) + (" (own)" if c == adv else "") for c, v in enumerate(row)]
             m.rows.append([f"client {adv}", *cells])
         out.append(m)
 
@@ -181,7 +186,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
     events = [(r["seed"], e) for r in repeats for e in r.get("events", [])]
     if events:
         ev = TableData(
-            f"{title}: server events ({len(events)}): broken or hostile uploads",
+            f"{title}: events ({len(events)}): broken or hostile uploads, diverged models",
             ["seed", "round", "client", "kind", "action", "detail"],
         )
         for seed, e in events[:20]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.html_page import data_uri, e
+from testbed.metrics import class_name
 from testbed.report import TableData, _num, _stat_pct, pct
 
 MAX_GENERIC_ROWS = 500
@@ -42,7 +43,7 @@ def _png(arr: Any) -> str:
 
 def _class(classes: list[str], i: Any) -> str:
     try:
-        return str(classes[int(i)])
+        return class_name(classes, int(i))
     except (TypeError, ValueError, IndexError):
         return str(i)
 
@@ -306,7 +307,7 @@ def events_table(title: str, task: dict[str, Any]) -> TableData | None:
     if len(events) <= 20:
         return None
     t = TableData(
-        f"{title}: all {len(events)} server events",
+        f"{title}: all {len(events)} events",
         ["seed", "round", "client", "kind", "action", "detail"],
     )
     for seed, ev in events[:MAX_GENERIC_ROWS]:

@@ -11,14 +11,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
 from testbed.search_config import Search
+from testbed.strict import StrictModel as Strict
 from testbed.threat import threat_problems
 
 MAX_SEED = 2**63 - 1
@@ -53,10 +52,6 @@ SECTION_KINDS = {
     "poisoning": "poisoning",
     "engine": "engines",
 }
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Component(Strict):

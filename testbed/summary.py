@@ -23,9 +23,9 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
         attacks[label]["cost_s"] = mean_std([c for row in rows for c in row["cost_s"]])
     eps = [_num(p["epsilon"]) for r in repeats for p in r["privacy"]]
     # .get: metrics written before the spread was recorded
-    spread = [r["client_models"]["distance_mean"] for r in repeats if r.get("client_models")]
+    spread = [_num(r["client_models"]["distance_mean"]) for r in repeats if r.get("client_models")]
     return {
-        "acc_mean": mean_std([r["acc_mean"] for r in repeats]),
+        "acc_mean": mean_std([_num(r["acc_mean"]) for r in repeats]),
         **({"client_distance": mean_std(spread)} if spread else {}),
         "attacks": attacks,
         "epsilon": mean_std(eps) if eps else None,

@@ -20,6 +20,7 @@ from torch import nn
 from testbed.local_training import ClientData, seeded
 from testbed.metrics import (
     HEALTHY_MARKERS,
+    NO_PREDICTION,
     accuracy,
     attack_success_rate,
     direction_asr,
@@ -27,6 +28,7 @@ from testbed.metrics import (
     healthy_class,
     mean,
     named_healthy_class,
+    predicted,
     targeted_success_rate,
     transfer_summary,
     true_label_asr,
@@ -77,7 +79,7 @@ def predict(
                 raise ValueError("returned non-finite pixels")
 
         hooks.call_each("testbed_inference_input", check, batch=batch)
-        preds.append(d.model(batch.x).argmax(1))
+        preds.append(predicted(d.model(batch.x)))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
@@ -102,13 +104,21 @@ def attack_pool(data: ClientData, n: int, seed: int) -> tuple[torch.Tensor, torc
 
 def clean_accuracy(
     deployed: Sequence[Deployed], clients: Sequence[ClientData], hooks: Any, seed: int
-) -> dict[str, float]:
-    acc = {}
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Each deployed model's accuracy on its own test split, and an event for each model
+    that gives non-finite outputs (diverged): its accuracy and attack rates are NaN."""
+    acc, events = {}, []
     for d in deployed:
         test = clients[d.client_id]
         pred = predict(d, to_unit(test.x_test), hooks, (seed, "clean-accuracy"))
         acc[str(d.client_id)] = accuracy(pred, test.y_test)
-    return acc
+        if none := int((pred == NO_PREDICTION).sum()):
+            events.append({
+                "round": "end", "client": d.client_id, "kind": "diverged",
+                "action": "its accuracy and attack rates are n/a",
+                "detail": f"non-finite outputs on {none} of {pred.numel()} own test images",
+            })  # fmt: skip
+    return acc, events
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +284,9 @@ def _nan_free_summary(rows: list[list[float]], adversaries: Sequence[int]) -> di
 @torch.no_grad()
 def _plain_predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Predictions of the adversary's private surrogate: no deployment-time defence there."""
-    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [predicted(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    )
 
 
 def target_problem(spec: Attack, classes: Sequence[str]) -> str | None:

@@ -4,11 +4,17 @@ import pytest
 import torch
 
 from testbed.metrics import (
+    NO_PREDICTION,
     accuracy,
     attack_success_rate,
+    class_name,
     client_model_spread,
+    direction_asr,
     error_transfer_rate,
     mean_std,
+    predicted,
+    robust_accuracy,
+    targeted_success_rate,
     transfer_summary,
     true_label_asr,
 )
@@ -21,6 +27,30 @@ def test_accuracy_and_asr_on_constructed_predictions():
     assert accuracy(clean, y) == 0.75
     # ASR compares the model's own labels before and after: items 0 and 2 changed.
     assert attack_success_rate(clean, adv) == 0.5
+
+
+def test_a_model_without_finite_outputs_predicts_no_class_and_every_rate_is_nan():
+    nan, inf = math.nan, math.inf
+    logits = torch.tensor([[0.1, 0.9], [nan, 1.0], [inf, 0.0], [-inf, -inf], [2.0, 1.0]])
+    # argmax alone would say [1, 0, 0, 0, 0]: class 0 for every broken row
+    assert predicted(logits).tolist() == [1, NO_PREDICTION, NO_PREDICTION, NO_PREDICTION, 0]
+    y = torch.tensor([1, 1])
+    ok, broken = torch.tensor([1, 0]), torch.tensor([1, NO_PREDICTION])
+    assert accuracy(ok, y) == 0.5 and math.isnan(accuracy(broken, y))
+    assert attack_success_rate(ok, ok) == 0.0
+    for rate in (
+        attack_success_rate(ok, broken),
+        attack_success_rate(broken, ok),
+        true_label_asr(y, ok, broken),
+        error_transfer_rate(broken, ok, y)[0],
+        error_transfer_rate(ok, broken, y)[0],
+        targeted_success_rate(ok, broken, torch.tensor([0, 0])),
+        robust_accuracy(y, ok, [ok, broken]),
+        direction_asr(broken, ok, healthy=0)["lesion_to_healthy"],
+    ):
+        assert math.isnan(rate)
+    assert class_name(["no_tumor", "tumor"], NO_PREDICTION) == "none (non-finite output)"
+    assert class_name(["no_tumor", "tumor"], 1) == "tumor"
 
 
 def test_error_transfer_rate_conditions_on_source_errors():

@@ -4,6 +4,9 @@ import pytest
 from conftest import REPO
 from pydantic import BaseModel, ValidationError
 
+from testbed.builtins.dp import PaperDPParams
+from testbed.builtins.dpsgd import DPSGDParams
+from testbed.builtins.server_defences import CentralDPParams, NormBoundParams
 from testbed.cli import main
 from testbed.pluginmanager import build_host
 from testbed.problems import ScenarioError, pydantic_problems
@@ -137,6 +140,25 @@ def test_a_union_gives_one_line_per_place_not_one_per_member():
         "f.toml: sec.y: Input should be a valid integer, unable to parse string as an integer",
         "f.toml: sec.z[1]: Input should be a valid integer; or a valid string",
     ]
+
+
+Z, C = "noise_multiplier", "clip_norm"
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw", "product"),
+    [
+        (PaperDPParams, {C: 1e10, Z: 1e30}, "noise_multiplier x clip_norm"),
+        (CentralDPParams, {C: 1e30, Z: 1e10}, "noise_multiplier x clip_norm"),
+        (DPSGDParams, {"max_grad_norm": 1e20, Z: 1e20}, "noise_multiplier x max_grad_norm"),
+        (NormBoundParams, {"max_norm": 1.0, "noise_std": 1e38}, "noise_std"),
+    ],
+)
+def test_a_noise_std_whose_draws_would_overflow_float32_is_refused(cls, kw, product):
+    with pytest.raises(ValidationError, match=f"{product} = .* too large for a noise std"):
+        cls(**kw)
+    # each factor alone is fine, and so is a product a 10-sigma draw keeps in float32
+    cls(**{k: min(v, 1e15) for k, v in kw.items()})
 
 
 def test_duplicate_attack_labels_rejected(tmp_path, registry):

@@ -339,13 +339,21 @@ def test_a_second_writer_is_refused(tmp_path, plugin, capsys):
 
 def test_a_diverged_federation_finishes_with_its_report(tmp_path):
     text = NO_DP.replace("plots = false", "plots = true").replace(
-        "rounds = 2", "rounds = 3\nlr = 1e30\nmax_update_norm = 1e300"
+        "rounds = 2", "rounds = 3\nlr = 1e30\nmax_update_norm = 1e38"
     )
     code, metrics = run(tmp_path, [], "diverged", text)
     assert code == 0
-    losses = [v for r in repeat0(metrics)["rounds"] for v in r["train_loss"].values()]
+    rep = repeat0(metrics)
+    losses = [v for r in rep["rounds"] for v in r["train_loss"].values()]
     assert None in losses  # NaN losses, written as null
-    assert (tmp_path / "diverged" / "report.md").exists()
+    # models with non-finite outputs: argmax would have named class 0 and passed for an
+    # accuracy; their rates are null (n/a) instead, and an event says why
+    diverged = [e["client"] for e in rep["events"] if e["kind"] == "diverged"]
+    assert diverged and all(rep["acc"][str(c)] is None for c in diverged)
+    assert rep["acc_mean"] is None
+    assert all(rep["attacks"][label]["aasr"] is None for label in rep["attacks"])
+    report = (tmp_path / "diverged" / "report.md").read_text()
+    assert "diverged" in report and "non-finite outputs on" in report
     assert (tmp_path / "diverged" / "plots" / "synthetic" / "training_loss.png").exists()
 
 

@@ -47,7 +47,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from testbed import hookimpl
 from testbed.numerics import clip_to_norm
@@ -65,6 +65,7 @@ from testbed.privacy import (
 )
 from testbed.registry import KindRegistry, Params
 from testbed.state import Aggregate, Broadcast, ClientUpdate, RoundContext, generator
+from testbed.strict import check_noise_std
 
 
 class PaperDPParams(Params):
@@ -83,6 +84,11 @@ class PaperDPParams(Params):
         "client's noise stays in the model it continues from (a random walk), so "
         "per-round composition is valid. See docs/privacy.md.",
     )
+
+    @model_validator(mode="after")
+    def _drawable(self) -> PaperDPParams:
+        check_noise_std(self.noise_multiplier * self.clip_norm, "noise_multiplier x clip_norm")
+        return self
 
 
 def _kept_weights(ctx: RoundContext, aggregate: Aggregate) -> dict[int, float]:

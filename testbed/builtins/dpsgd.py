@@ -49,6 +49,7 @@ from testbed.data import augment
 from testbed.local_training import ClientData, LocalConfig
 from testbed.registry import KindRegistry, Params
 from testbed.state import RoundContext
+from testbed.strict import check_noise_std
 
 
 class DPSGDParams(Params):
@@ -90,6 +91,10 @@ class DPSGDParams(Params):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
         if self.budget_epsilon is not None and self.noise_multiplier == 0:
             raise ValueError("budget_epsilon needs noise: with noise_multiplier 0 no client trains")
+        if self.noise_multiplier is not None:
+            check_noise_std(
+                self.noise_multiplier * self.max_grad_norm, "noise_multiplier x max_grad_norm"
+            )
         return self
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from testbed import hookimpl
 from testbed.numerics import clip_to_norm
@@ -28,6 +28,7 @@ from testbed.privacy import (
 )
 from testbed.registry import KindRegistry, Params
 from testbed.state import Aggregate, ClientUpdate, RoundContext
+from testbed.strict import check_noise_std
 
 
 def _gaussian_like(v: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
@@ -44,6 +45,11 @@ class NormBoundParams(Params):
     noise_std: float = Field(
         0.0, ge=0, description="Std of Gaussian noise on the aggregate ('weak DP'); 0: none."
     )
+
+    @model_validator(mode="after")
+    def _drawable(self) -> NormBoundParams:
+        check_noise_std(self.noise_std, "noise_std")
+        return self
 
 
 class NormBound:
@@ -106,6 +112,11 @@ class CentralDPParams(Params):
     accountant: Literal["rdp", "prv", "gdp"] = Field(
         "rdp", description="Opacus accountant composing the rounds."
     )
+
+    @model_validator(mode="after")
+    def _drawable(self) -> CentralDPParams:
+        check_noise_std(self.noise_multiplier * self.clip_norm, "noise_multiplier x clip_norm")
+        return self
 
 
 class CentralDP:
