@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from testbed.registry import Params
+from testbed.strict import check_noise_std
 
 Direction = Literal["unit_vec", "sign", "std"]
 
@@ -51,6 +52,11 @@ def sign_flip(update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 class GaussianParams(Params):
     sigma: float = Field(1.0, gt=0, description="Standard deviation of each coordinate.")
+
+    @model_validator(mode="after")
+    def _drawable(self) -> GaussianParams:
+        check_noise_std(self.sigma, "sigma")
+        return self
 
 
 def gaussian_update(update: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:

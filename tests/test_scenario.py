@@ -9,6 +9,7 @@ from testbed.builtins.dpsgd import DPSGDParams
 from testbed.builtins.server_defences import CentralDPParams, NormBoundParams
 from testbed.cli import main
 from testbed.pluginmanager import build_host
+from testbed.poisoning import GaussianParams
 from testbed.problems import ScenarioError, pydantic_problems
 from testbed.scenario_load import load_scenario
 
@@ -152,6 +153,7 @@ Z, C = "noise_multiplier", "clip_norm"
         (CentralDPParams, {C: 1e30, Z: 1e10}, "noise_multiplier x clip_norm"),
         (DPSGDParams, {"max_grad_norm": 1e20, Z: 1e20}, "noise_multiplier x max_grad_norm"),
         (NormBoundParams, {"max_norm": 1.0, "noise_std": 1e38}, "noise_std"),
+        (GaussianParams, {"sigma": 1e38}, "sigma"),
     ],
 )
 def test_a_noise_std_whose_draws_would_overflow_float32_is_refused(cls, kw, product):
