@@ -85,7 +85,8 @@ def sanity_checks(attacks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     - whitebox_vs_blackbox: at the same budget, the strongest white-box attack fools the
       own model at least as often as any black-box attack does;
     - unbounded: an L-inf eps of 1 reaches (nearly) every image.
-    A difference within one image of the pool is tolerated."""
+    A difference within one image of the pool is tolerated. A comparison with an n/a side
+    (a diverged model, an empty support) is not run: it could neither pass nor fail."""
     flags, ran = [], defaultdict(int)
     sweeps: dict[str, list[tuple[float, str]]] = defaultdict(list)
     for label, r in attacks.items():
@@ -94,8 +95,10 @@ def sanity_checks(attacks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for name, points in sweeps.items():
         points.sort()
         for (e0, l0), (e1, l1) in pairwise(points):
-            ran["eps_monotone"] += 1
             a0, a1 = _v(attacks[l0]["aasr_own"]), _v(attacks[l1]["aasr_own"])
+            if math.isnan(a0) or math.isnan(a1):
+                continue
+            ran["eps_monotone"] += 1
             if a1 < a0 - _tolerance(attacks[l1]):
                 flags.append(
                     _flag(
@@ -108,7 +111,7 @@ def sanity_checks(attacks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     white = {k: r for k, r in attacks.items() if r.get("access") == "white-box"}
     for label, r in white.items():
         own, benign = _v(r["aasr_own"]), _v(r["aasr_benign"])
-        if math.isnan(benign):
+        if math.isnan(own) or math.isnan(benign):
             continue
         ran["whitebox_vs_transfer"] += 1
         if own < benign - _tolerance(r):
@@ -122,8 +125,11 @@ def sanity_checks(attacks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for label, r in attacks.items():
         if r.get("access") != "black-box" or not r.get("budget"):
             continue
-        peers = [k for k, w in white.items() if w.get("budget") == r["budget"]]
-        if not peers:
+        peers = [
+            k for k, w in white.items()
+            if w.get("budget") == r["budget"] and not math.isnan(_v(w["aasr_own"]))
+        ]  # fmt: skip
+        if not peers or math.isnan(_v(r["aasr_own"])):
             continue
         ran["whitebox_vs_blackbox"] += 1
         best = max(peers, key=lambda k: _v(white[k]["aasr_own"]))
@@ -138,7 +144,7 @@ def sanity_checks(attacks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                 )
             )
     for label, r in attacks.items():
-        if not unbounded(r):
+        if not unbounded(r) or math.isnan(_v(r["aasr_own"])):
             continue
         ran["unbounded"] += 1
         if _v(r["aasr_own"]) < 1 - _tolerance(r):

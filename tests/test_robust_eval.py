@@ -155,6 +155,21 @@ def test_a_monotone_sweep_and_a_dip_within_one_image_pass():
     assert s["flags"] == [] and s["checks_run"]["eps_monotone"] == 2
 
 
+def test_a_check_with_an_na_side_is_not_run_not_passed():
+    # a diverged model's rates are None in metrics.json: NaN < x is False, which used to
+    # count as a passed comparison and print "all passed"
+    s = sanity_checks(_sweep([(0.01, 0.4), (0.02, None), (0.03, 0.6)]))
+    # both neighbours of the n/a point are skipped; transfer is compared where it is known
+    assert s["flags"] == [] and s["checks_run"] == {"whitebox_vs_transfer": 2}
+    attacks = {
+        "PGD": _result(None, 0.5, budget=LINF),
+        "SQUARE": _result(0.6, 0.1, budget=LINF, access="black-box"),
+        "PGD-unbounded": _result(None, budget={"norm": "inf", "eps": 1.0}),
+    }
+    s = sanity_checks(attacks)
+    assert s["flags"] == [] and s["checks_run"] == {}
+
+
 def test_white_box_weaker_than_transfer_or_black_box_and_a_weak_unbounded_attack_are_flagged():
     attacks = {
         "PGD": _result(0.3, 0.5, budget=LINF),  # fools benign models more than its own
