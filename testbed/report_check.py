@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from testbed.paper import TABLE_I, paper_attack_labels
-from testbed.problems import dotted
+from testbed.problems import pydantic_problems
 
 Num = float | Literal["inf", "-inf", "nan"] | None
 """A number as metrics.json writes it: JSON has no inf/NaN, so they are strings or null."""
@@ -110,8 +110,8 @@ def metrics_problems(metrics: dict[str, Any]) -> list[str]:
         parsed = Metrics.model_validate(metrics)
     except ValidationError as exc:
         return [
-            f"{dotted(tuple(e['loc'])) or 'top level'}: {e['msg']}"
-            for e in exc.errors(include_url=False)
+            f"{p.where or 'top level'}: {p.message}"
+            for p in pydantic_problems("", exc, "", Metrics)
         ]
     problems = []
     for name, task in parsed.tasks.items():

@@ -83,8 +83,8 @@ def check_space(scenario: Scenario, search: Search, host: Host) -> Attack:
             try:
                 model.model_validate({**spec.params, **point})
             except ValidationError as exc:
-                err = exc.errors()[0]
-                raise RunError(f"search.space.{name} = {v!r}: {err['msg']}") from None
+                msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise RunError(f"search.space.{name} = {v!r}: {msg}") from None
     return spec
 
 

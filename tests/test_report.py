@@ -72,6 +72,21 @@ def test_report_of_a_folder_without_metrics_is_a_user_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_a_tampered_number_is_one_problem_not_one_per_union_member(sweep_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "tampered"
+    shutil.copytree(sweep_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    task = next(iter(metrics["tasks"]))
+    metrics["tasks"][task]["repeats"][0]["acc_mean"] = "x"  # a number, or "inf"/"-inf"/"nan"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(run)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"incomplete metrics: tasks.{task}.repeats[0].acc_mean: Input should be a valid" in err
+    assert "; or 'inf', '-inf' or 'nan'" in err and "more)" not in err
+
+
 def test_many_clients_report_the_spread_not_one_column_each(tmp_path):
     """Above 8 clients the tables give min/median/max over clients (the full per-client
     values stay in metrics.json)."""

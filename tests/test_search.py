@@ -124,6 +124,7 @@ def test_reuses_the_cached_federation_and_resumes_the_study(tmp_path, monkeypatc
         (("eps_step = {", "confidence = {"), "pgd has no param confidence"),
         (("high = 0.1,", "high = 2.0,"), "search.space.eps = 2.0"),
         (("high = 0.1,", "high = nan,"), "Input should be a finite number"),
+        ((EPS_STEP, "{ choices = [0.5] }"), "search.space.eps = 0.001: eps_step (0.5) larger"),
         (("n_trials =", 'storage = "notaurl"\nn_trials ='), "storage 'notaurl': cannot open"),
     ],
 )
