@@ -41,7 +41,7 @@ from testbed.runner import adversaries_of
 from testbed.scenario import Attack, Scenario
 from testbed.search_config import ParamRange, Search
 from testbed.search_output import attack_toml, pareto_figure
-from testbed.transfer import run_attack
+from testbed.transfer import clean_accuracy, run_attack
 
 # float32 pixels: PGD's perturbation at exactly eps reads back a few ulps above it
 LINF_TOLERANCE = 1e-6
@@ -194,6 +194,14 @@ def run_search(
     if remaining > 0:
         # inference-time defences (input transformations) act through the per-run objects
         with host.active(per_run_objects(scenario, host)):
+            _, diverged = clean_accuracy(fed.deployed, fed.clients, host.hook, fed.seed)
+            if diverged:  # every trial would score NaN and read as "no feasible trial"
+                e = diverged[0]
+                raise RunError(
+                    f"the federation diverged: client {e['client']}'s model gives {e['detail']}"
+                    f"{f' (and {len(diverged) - 1} more clients)' if len(diverged) > 1 else ''}"
+                    "; no attack on it can be scored"
+                )
             _optimize(study, objective, total, remaining, console, show_progress)
     configured = _configured(study, scenario, spec, score, ssim_min, linf_max)
     try:

@@ -186,3 +186,13 @@ def test_a_federation_cache_it_cannot_write_is_one_line_before_training(
     err = " ".join(capsys.readouterr().err.split())
     assert "cannot create the federation cache the search reads its models from" in err
     assert "federation:" not in err  # nothing trained
+
+
+def test_a_diverged_federation_is_one_line_not_no_feasible_trial(tmp_path, capsys):
+    # noise 1e36 x C: finite weights whose outputs overflow; every trial would score NaN
+    scenario = write(tmp_path, "")
+    args = ["--set", "dp.params.noise_multiplier=1e36", "--set", "search.study_name=diverged"]
+    assert main(["search", str(scenario), "--no-progress", *args]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the federation diverged: client 0's model gives non-finite outputs on" in err
+    assert "no feasible trial" not in err
