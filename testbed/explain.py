@@ -51,9 +51,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from testbed.metrics import predicted
+from testbed.metrics import predicted, unpredicted
 
 METHODS = ("saliency", "integrated_gradients", "gradcam")
+SHIFT_KEYS = ("rank_corr", "top_k_overlap", "auroc")
+"""What each method and model reports (n/a for a model with non-finite outputs)."""
 FEATURES = ("log_total", "top_k_share", "entropy", "roughness")
 """The statistics of one map the detector reads (map_features)."""
 
@@ -272,11 +274,17 @@ def explain_attack(
         p_clean, p_adv = predict_proba(net, x), predict_proba(net, x_adv)
         pred_clean, pred_adv = predicted(p_clean), predicted(p_adv)
         flipped = (pred_clean != pred_adv).tolist()
+        diverged = unpredicted(pred_clean, pred_adv)
         result["predictions"][role] = {
             "pred_clean": pred_clean.tolist(),
             "pred_adv": pred_adv.tolist(),
-            "flipped": float(np.mean(flipped)),
+            "flipped": math.nan if diverged else float(np.mean(flipped)),
         }
+        if diverged:  # non-finite outputs: no class to explain; no figure for this image
+            for method in methods:
+                result["per_method"][method][role] = dict.fromkeys(SHIFT_KEYS, math.nan)
+            figure["skipped"] = f"the {role} model (client {cid}) gives non-finite outputs"
+            continue
         if chosen is None:  # the first role is the adversary's own model
             chosen = flipped.index(True) if any(flipped) else 0
             figure.update(
@@ -303,7 +311,7 @@ def explain_attack(
                 "adv": adv_maps[chosen].clone(),
             }
         figure["models"][role] = fig_role
-    return result, figure
+    return result, ({} if "skipped" in figure else figure)
 
 
 def _layer_name(model: nn.Module) -> str | None:
@@ -337,7 +345,7 @@ def summarise_explain(repeats: list[dict[str, Any]]) -> dict[str, Any]:
             method: {
                 role: {
                     key: mean_std([_float(row["per_method"][method][role][key]) for row in rows])
-                    for key in ("rank_corr", "top_k_overlap", "auroc")
+                    for key in SHIFT_KEYS
                 }
                 for role in per_role
             }

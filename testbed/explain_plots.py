@@ -88,5 +88,7 @@ def explain_figures(title: str, metrics: dict[str, Any], examples: Path, out: Pa
         if not a.get("explain") or not path.exists():
             continue
         data = torch.load(path, weights_only=True)
+        if not data:  # a model with non-finite outputs: nothing to draw (explain.py)
+            continue
         paths.append(explain_figure(title, label, classes, data, out))
     return paths

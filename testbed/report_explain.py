@@ -21,6 +21,11 @@ def chance_band(images: int, seeds: int = 1) -> float:
     return 2 * math.sqrt((2 * n + 1) / (12 * n * n)) / math.sqrt(max(1, seeds))
 
 
+def _pct0(v: float | None) -> str:
+    v = _num(v)
+    return "n/a" if math.isnan(v) else f"{100 * v:.0f}%"
+
+
 def _cell(stat: dict[str, Any] | None, digits: int = 2) -> str:
     if not stat or math.isnan(_num(stat.get("mean"))):
         return "n/a"
@@ -51,7 +56,7 @@ def explain_tables(title: str, task: dict[str, Any]) -> list[TableData]:
         ]
         for method, per_role in per_method.items():
             for role, stats in per_role.items():
-                flipped = [row["predictions"][role]["flipped"] for row in rows]
+                flipped = [_num(row["predictions"][role]["flipped"]) for row in rows]
                 client = rows[0]["models"][role]
                 t.rows.append(
                     [
@@ -61,7 +66,7 @@ def explain_tables(title: str, task: dict[str, Any]) -> list[TableData]:
                         _cell(stats["rank_corr"]),
                         _cell(stats["top_k_overlap"]),
                         _cell(stats["auroc"]),
-                        f"{100 * sum(flipped) / len(flipped):.0f}%",
+                        _pct0(sum(flipped) / len(flipped)),
                     ]
                 )
                 auroc = _num(stats["auroc"]["mean"])

@@ -25,6 +25,7 @@ from testbed.explain import (
     shift_and_detect,
     top_k_overlap,
 )
+from testbed.metrics import NO_PREDICTION
 from testbed.pluginmanager import build_host
 from testbed.problems import ScenarioError
 from testbed.report_explain import chance_band, explain_tables
@@ -171,6 +172,24 @@ def test_explain_attack_is_deterministic_and_picks_a_flipped_image():
     flipped = [i for i, (c, a) in enumerate(pairs) if c != a]
     assert fig["index"] == (flipped[0] if flipped else 0)
     assert fig["models"]["own"]["maps"]["gradcam"]["adv"].shape == (16, 16)
+
+
+def test_a_model_with_non_finite_outputs_is_na_and_draws_no_figure():
+    own, benign = _tiny_cnn(0), _tiny_cnn(1)
+    with torch.no_grad():
+        benign.classifier[-1].bias.fill_(math.nan)  # every output NaN
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 1, 16, 16, generator=g)
+    x_adv = (x + 0.3 * torch.randn(6, 1, 16, 16, generator=g)).clamp(0, 1)
+    kw = dict(methods=["saliency"], top_k_share=0.1, ig_steps=8, folds=3)
+    r, fig = explain_attack(
+        {"own": (0, own), "benign": (1, benign)}, x, x_adv, torch.zeros(6, dtype=torch.long), **kw
+    )
+    assert r["predictions"]["benign"]["pred_clean"] == [NO_PREDICTION] * 6
+    assert math.isnan(r["predictions"]["benign"]["flipped"])
+    assert all(math.isnan(v) for v in r["per_method"]["saliency"]["benign"].values())
+    assert not math.isnan(r["per_method"]["saliency"]["own"]["rank_corr"])
+    assert fig == {}
 
 
 # --- the scenario table ---------------------------------------------------------------
