@@ -8,15 +8,18 @@ from collections.abc import Mapping, Sequence
 import torch
 
 NO_PREDICTION = -1
-"""What ``predicted`` gives an image whose logits are not all finite: no class. argmax
-over NaN names the first class, so a diverged model would pass for one that predicts it;
-every rate over predictions holding one is NaN instead (n/a in the reports)."""
+"""What ``predicted`` gives an image whose outputs name no class: a NaN, or a largest
+output that is not finite (an overflow to +inf, or -inf everywhere). argmax over NaN names
+the first class, so a diverged model would pass for one that predicts it; every rate over
+predictions holding one is NaN instead (n/a in the reports)."""
 
 
 def predicted(logits: torch.Tensor) -> torch.Tensor:
-    """The predicted classes of a batch of logits (or probabilities), NO_PREDICTION where a
-    row is not finite."""
-    return logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), NO_PREDICTION)
+    """The predicted classes of a batch of logits (or probabilities, or log-probabilities:
+    -inf for a class ruled out is a valid output), NO_PREDICTION where a row names none."""
+    top, cls = logits.max(1)
+    named = ~torch.isnan(logits).any(1) & torch.isfinite(top)
+    return cls.masked_fill(~named, NO_PREDICTION)
 
 
 def unpredicted(*preds: torch.Tensor) -> bool:

@@ -31,9 +31,13 @@ def test_accuracy_and_asr_on_constructed_predictions():
 
 def test_a_model_without_finite_outputs_predicts_no_class_and_every_rate_is_nan():
     nan, inf = math.nan, math.inf
-    logits = torch.tensor([[0.1, 0.9], [nan, 1.0], [inf, 0.0], [-inf, -inf], [2.0, 1.0]])
-    # argmax alone would say [1, 0, 0, 0, 0]: class 0 for every broken row
-    assert predicted(logits).tolist() == [1, NO_PREDICTION, NO_PREDICTION, NO_PREDICTION, 0]
+    logits = torch.tensor(
+        [[0.1, 0.9], [nan, 1.0], [inf, 0.0], [-inf, -inf], [2.0, 1.0], [-inf, -0.5]]
+    )
+    # argmax alone would say class 0 for every broken row; a log-probability of -inf for
+    # a class ruled out still names the other
+    no = NO_PREDICTION
+    assert predicted(logits).tolist() == [1, no, no, no, 0, 1]
     y = torch.tensor([1, 1])
     ok, broken = torch.tensor([1, 0]), torch.tensor([1, NO_PREDICTION])
     assert accuracy(ok, y) == 0.5 and math.isnan(accuracy(broken, y))
