@@ -146,8 +146,9 @@ def pydantic_problems(
     prefix: str = "",
     model: type[BaseModel] | None = None,
 ) -> list[Problem]:
-    """One Problem per pydantic error; ``model`` is the class that was validated, so that
-    an unknown key can list the keys that model allows."""
+    """One Problem per pydantic error, except a union's members at one place, which share
+    one; ``model`` is the class that was validated, so that an unknown key can list the
+    keys that model allows."""
     # (where, -1 for a union's members or the error's own index) -> messages, in order
     problems: dict[tuple[str, int], list[str]] = {}
     for i, err in enumerate(exc.errors(include_url=False)):
