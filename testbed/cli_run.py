@@ -143,6 +143,7 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
 
     from testbed import compare
     from testbed.data import DatasetError
+    from testbed.fingerprint import data_fingerprint
     from testbed.problems import ScenarioError
     from testbed.runner import RunError, load_task_data, run_scenario
     from testbed.scenario_load import load_scenario
@@ -171,14 +172,20 @@ def cmd_compare(host: Host, args: argparse.Namespace, console: Console) -> int:
     out = args.out or Path("reports") / f"compare-{stamp}"
     if out.exists():
         return _fail(console, f"{out} already exists")
+    loaded = []
     for path, scenario in zip(args.scenarios, scenarios, strict=True):
         # every scenario's data before the first trains (each run loads it again, from the
         # dataset cache): a missing dataset of the last one is not found hours in
         for task in scenario.task_list():
             try:
-                load_task_data(scenario, task, host, _data_root(args))
+                ds, _ = load_task_data(scenario, task, host, _data_root(args))
             except (RunError, DatasetError) as exc:
                 return _fail(console, f"{path}: {exc}")
+            params = host.registry["datasets"].get(task.data.name).params  # defaults filled
+            spec = {"name": task.data.name, **params.model_validate(task.data.params).model_dump()}
+            loaded.append((str(path), task.name, spec, data_fingerprint(ds)))
+    if clash := compare.data_clash(loaded):
+        return _fail(console, clash)
     try:
         tracker = _tracker(args)
     except (TrackingError, _TrackingSetup) as exc:

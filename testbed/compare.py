@@ -34,15 +34,39 @@ def label_clash(scenarios: Sequence[tuple[str, Scenario]]) -> str | None:
                 what = {"name": a.name, **a.params}
                 first = seen.setdefault((task.name, a.label), (path, what))
                 if first[1] != what:
-                    diff = ", ".join(
-                        f"{k} {first[1].get(k, '-')} vs {what.get(k, '-')}"
-                        for k in sorted(first[1].keys() | what.keys())
-                        if first[1].get(k) != what.get(k)
-                    )
                     return (
                         f"attack {a.label} on task {task.name} differs between {first[0]} and "
-                        f"{path} ({diff}): give one of them its own `label`"
+                        f"{path} ({_spec_diff(first[1], what)}): give one of them its own "
+                        "`label`"
                     )
+    return None
+
+
+def _spec_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {a.get(k, '-')} vs {b.get(k, '-')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    )
+
+
+def data_clash(tasks: Sequence[tuple[str, str, dict[str, Any], str]]) -> str | None:
+    """Why the compared tasks cannot share a table, else None: one task name whose rows
+    were loaded from other images in two scenarios. ``tasks`` holds (scenario path, task
+    name, its [data] as {"name": ..., **params}, the decoded images' fingerprint). A task
+    is named by its dataset when the scenario has [data], so two scenarios on the same
+    loader with other params (another MRI task, image size or seed) would otherwise be
+    ranked on one Pareto front as if scored on the same data."""
+    seen: dict[str, tuple[str, dict[str, Any], str]] = {}
+    for path, name, spec, fingerprint in tasks:
+        first = seen.setdefault(name, (path, spec, fingerprint))
+        if first[2] != fingerprint:
+            why = _spec_diff(first[1], spec) or "the same [data], other images"
+            return (
+                f"task {name} holds other images in {path} than in {first[0]} (data: {why}): "
+                "the rows of one task must be scored on the same images; to set other data "
+                "side by side, give each its own task name ([[tasks]] name = ...)"
+            )
     return None
 
 

@@ -103,3 +103,41 @@ def test_one_label_for_two_attacks_on_one_task_is_refused_before_running(tmp_pat
     c.write_text(b.read_text().replace('name = "pgd"', 'name = "pgd"\nlabel = "PGD-3 wide"'))
     reg = build_host(autoload=False).registry
     assert label_clash([(str(f), load_scenario(f, reg)) for f in (a, c)]) is None
+
+
+def test_one_task_on_other_images_is_refused_before_running(tmp_path, capsys):
+    # A [data] task is named by its loader: two scenarios on other data (here the generator's
+    # seed) would otherwise share one Pareto front, ranked as if scored on the same images.
+    a, b, c = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "c.toml"
+    a.write_text(TINY.replace('name = "tiny"', 'name = "a"'))
+    b.write_text(TINY.replace('name = "tiny"', 'name = "b"').replace("= 16 }", "= 16, seed = 1 }"))
+    assert "seed = 1 }" in b.read_text()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"task synthetic holds other images in {b} than in {a} (data: seed 0 vs 1)" in err
+    assert not (tmp_path / "cmp").exists()
+    # the same images with a default spelt out are one task: both rows, one front
+    c.write_text(
+        a.read_text().replace('name = "a"', 'name = "c"').replace("= 16 }", "= 16, seed = 0 }")
+    )
+    assert main(["compare", str(a), str(c), "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "ok" / "compare.json").read_text())["rows"]
+    assert [(r["config"], r["task"]) for r in rows] == [("a", "synthetic"), ("c", "synthetic")]
+
+
+def test_data_clash_on_a_known_case():
+    from testbed.compare import data_clash
+
+    syn = {"name": "synthetic", "seed": 0}
+    same = [("a.toml", "synthetic", syn, "f0"), ("b.toml", "synthetic", {**syn, "n": 1}, "f0")]
+    assert data_clash(same) is None  # other words, the same images
+    two = [("a.toml", "mri", {"name": "brain_mri"}, "f0"), ("b.toml", "glioma", {}, "f1")]
+    assert data_clash(two) is None  # other images under other names
+    clash = [*same, ("c.toml", "synthetic", {**syn, "seed": 1}, "f1")]
+    assert data_clash(clash) == (
+        "task synthetic holds other images in c.toml than in a.toml (data: seed 0 vs 1): the "
+        "rows of one task must be scored on the same images; to set other data side by side, "
+        "give each its own task name ([[tasks]] name = ...)"
+    )
+    odd = [("a.toml", "x", syn, "f0"), ("b.toml", "x", syn, "f1")]
+    assert "(data: the same [data], other images)" in data_clash(odd)
