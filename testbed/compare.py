@@ -166,7 +166,8 @@ def sorted_rows(table_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 POISONING_HEADERS = [
-    "ACC benign", "backdoor success", "targeted error", "compr. dropped", "benign dropped",
+    "ACC benign", "backdoor success", "bd untriggered", "targeted error", "compr. dropped",
+    "benign dropped",
 ]  # fmt: skip
 """Columns of the training-time attacks, shown when any configuration has them."""
 
@@ -179,8 +180,9 @@ def _poisoning_cells(p: dict[str, Any] | None) -> list[str]:
     if not p:
         return ["-"] * len(POISONING_HEADERS)
 
-    def stat(key: str) -> str:
-        s = p[key]["benign"] if key in p else None
+    def stat(key: str, sub: str | None = None) -> str:
+        block = p.get(key) or {}
+        s = ((block.get(sub) or {}) if sub else block).get("benign")
         return pct(s["mean"], s["std"], s["n"]) if s else "-"
 
     det = p["detection"]
@@ -189,7 +191,7 @@ def _poisoning_cells(p: dict[str, Any] | None) -> list[str]:
     ]
     acc = p["acc_benign"]
     return [pct(acc["mean"], acc["std"], acc["n"]), stat("backdoor_success"),
-            stat("targeted_error"), *caught]  # fmt: skip
+            stat("backdoor_success", "untriggered"), stat("targeted_error"), *caught]  # fmt: skip
 
 
 def _cells(row: dict[str, Any], labels: list[str], poisoned: bool = False) -> list[str]:
@@ -298,6 +300,11 @@ def chart(labels: list[str], table_rows: list[dict[str, Any]], path: Path) -> Pa
                 for r in table_rows
             ]
             series.append((f"{key.replace('_', ' ')} (benign models)", vals))
+    floors = [((r.get("poisoning") or {}).get("backdoor_success") or {}).get("untriggered")
+              for r in table_rows]  # fmt: skip
+    if any(floors):
+        vals = [_num(f["benign"]["mean"]) if f else math.nan for f in floors]
+        series.append(("the same without the trigger", vals))
     x = np.arange(len(names))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 4))

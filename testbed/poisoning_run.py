@@ -193,6 +193,19 @@ def _per_client_rates(
     }
 
 
+def _no_lift(bd: dict[str, Any]) -> str | None:
+    """A warning where the trigger adds nothing on the benign models: their backdoor
+    success is no higher than the target rate of the same images without the trigger."""
+    hit, floor = bd["benign"], bd["untriggered"]["benign"]
+    if math.isnan(hit) or math.isnan(floor) or hit > floor:
+        return None
+    return (
+        f"backdoor success on benign models ({100 * hit:.1f}%) is no higher than without the "
+        f"trigger ({100 * floor:.1f}%): the models call those images class {bd['target']} "
+        "anyway, so the trigger adds nothing"
+    )
+
+
 def poisoning_metrics(
     threat: Threat,
     deployed: Sequence[Deployed],
@@ -214,22 +227,30 @@ def poisoning_metrics(
         "collude": threat.collude,
         "attacks": [name for name, _ in threat.attacks],
         "acc_benign": _mean([acc[str(c)] for c in benign]),
-        "warnings": warnings,
+        "warnings": list(warnings),
     }
     for name, attack in threat.attacks:
         if hasattr(attack, "backdoor_test") and "backdoor_success" not in out:
-            rates = {}
+            rates, untriggered = {}, {}
             for d in deployed:
                 test = clients[d.client_id]
                 x_trig, target = attack.backdoor_test(test.x_test, test.y_test)
                 keep = test.y_test != target  # images already of the target class prove nothing
                 pred = predict(d, to_unit(x_trig[keep]), hooks, (seed, "backdoor"))
                 rates[d.client_id] = math.nan if unpredicted(pred) else _share(pred == target)
+                # The same images without the trigger: the target rate the model has anyway
+                # (its errors; all of them for a model collapsed onto the target class).
+                # Backdoor success is the attack's only where it rises above this floor.
+                base = predict(d, to_unit(test.x_test[keep]), hooks, (seed, "untriggered"))
+                untriggered[d.client_id] = math.nan if unpredicted(base) else _share(base == target)
             out["backdoor_success"] = {
                 "attack": name,
                 "target": target,
                 **_per_client_rates(threat, rates),
+                "untriggered": _per_client_rates(threat, untriggered),
             }
+            if warning := _no_lift(out["backdoor_success"]):
+                out["warnings"].append(warning)
         if hasattr(attack, "label_map") and "targeted_error" not in out:
             mapping = torch.tensor(attack.label_map(num_classes))
             rates = {}
@@ -264,6 +285,11 @@ def summarise_poisoning(repeats: list[dict[str, Any]]) -> dict[str, Any] | None:
             out[key] = {
                 who: mean_std([_num(p[key][who]) for p in rows]) for who in ("benign", "malicious")
             }
+    if "untriggered" in rows[0].get("backdoor_success", {}):
+        out["backdoor_success"]["untriggered"] = {
+            who: mean_std([_num(p["backdoor_success"]["untriggered"][who]) for p in rows])
+            for who in ("benign", "malicious")
+        }
     det = {k: sum(p["detection"][k] for p in rows) for k in rows[0]["detection"]}
     out["detection"] = det
     out["warnings"] = sorted({w for p in rows for w in p["warnings"]})

@@ -35,6 +35,7 @@ def poisoning_tables(title: str, task: dict[str, Any]) -> list[TableData]:
             "compromised",
             "ACC benign",
             "backdoor benign",
+            "untriggered benign",
             "backdoor compr.",
             "targeted benign",
             "compr. dropped",
@@ -50,6 +51,7 @@ def poisoning_tables(title: str, task: dict[str, Any]) -> list[TableData]:
                 ", ".join(map(str, p["malicious"])),
                 pct(p["acc_benign"]),
                 _rate(p.get("backdoor_success"), "benign"),
+                _rate((p.get("backdoor_success") or {}).get("untriggered"), "benign"),
                 _rate(p.get("backdoor_success"), "malicious"),
                 _rate(p.get("targeted_error"), "benign"),
                 _caught(det["malicious_dropped"], det["malicious"]),
@@ -59,14 +61,21 @@ def poisoning_tables(title: str, task: dict[str, Any]) -> list[TableData]:
     summ = task["summary"].get("poisoning") or {}
     notes = [
         "backdoor: share of triggered test images of other classes classified as the target; "
+        "untriggered: the same images without the trigger (the floor the backdoor sits on); "
         "targeted: share of test images classified as the label the attack taught for "
         "their class; dropped: uploads dropped by screening, a defence or the aggregator",
         f"mean clean ACC of benign clients {_stat_pct(summ.get('acc_benign'))}",
     ]
     if "backdoor_success" in summ:
+        bd = summ["backdoor_success"]
+        floor = (
+            f"; without the trigger {_stat_pct(bd['untriggered']['benign'])}"
+            if "untriggered" in bd  # runs before it was measured lack it
+            else ""
+        )
         notes.append(
-            f"backdoor success on benign models {_stat_pct(summ['backdoor_success']['benign'])}"
-            f" (target class {first['backdoor_success']['target']}, final models)"
+            f"backdoor success on benign models {_stat_pct(bd['benign'])}"
+            f" (target class {first['backdoor_success']['target']}, final models{floor})"
         )
     if "targeted_error" in summ:
         notes.append(

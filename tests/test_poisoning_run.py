@@ -282,7 +282,10 @@ def test_poisoned_run_reports_backdoor_detection_and_resumes_exactly(tmp_path, m
     assert "training-time attacks (backdoor, alie)" in (ref / "report.md").read_text()
     labels, rows = compare.rows({"p": metrics})
     table = compare.markdown(labels, rows)
-    assert "| backdoor success | targeted error | compr. dropped | benign dropped |" in table
+    assert (
+        "| backdoor success | bd untriggered | targeted error | compr. dropped | benign dropped |"
+        in table
+    )
     assert "| 6/6 | 0/9 |" in table
 
     # Interrupt after round 2's checkpoint; FoolsGold's history must come back on resume.
@@ -329,3 +332,61 @@ def test_scaled_replacement_start_round_past_the_last_round_is_refused(tmp_path,
         host,
     )
     assert any("start_round 4 > 3 rounds: it never acts" in m for m in msgs), msgs
+
+
+class _Corner(torch.nn.Module):
+    """Class 0 (the target) wins where the top-left pixel, the trigger, is lit or where the
+    bottom-right one is (a feature some clean images have); ``always`` fixes the class."""
+
+    def __init__(self, always: int | None = None) -> None:
+        super().__init__()
+        self.always = always
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = 10 * x[:, 0, 0, 0] + 5 * x[:, 0, 3, 3]
+        if self.always is not None:
+            zero = torch.full_like(zero, 10.0 if self.always == 0 else -10.0)
+        return torch.stack([zero, torch.full_like(zero, 3.0)], 1)
+
+
+class _LightCorner:
+    def backdoor_test(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x = x.clone()
+        x[:, 0, 0, 0] = 255
+        return x, 0
+
+
+def _scored(models: list[torch.nn.Module]) -> dict:
+    from testbed.local_training import ClientData
+    from testbed.poisoning_run import Threat, poisoning_metrics
+    from testbed.transfer import deploy
+
+    x = torch.zeros(5, 1, 4, 4, dtype=torch.uint8)
+    x[0, 0, 3, 3] = 255  # one class-1 image the model calls class 0 without the trigger
+    y = torch.tensor([1, 1, 1, 1, 0])  # the class-0 image proves nothing and is left out
+    clients = [ClientData(c, x, y, x, y) for c in range(len(models))]
+    threat = Threat(malicious=(1,), collude=False, attacks=[("corner", _LightCorner())])
+    return poisoning_metrics(
+        threat, deploy(models), clients, build_host(autoload=False).hook, seed=0,
+        num_classes=2, acc={"0": 0.8, "1": 0.2}, history=[], warnings=[],
+    )  # fmt: skip
+
+
+def test_backdoor_success_beside_the_same_images_without_the_trigger():
+    # By hand: client 0 calls all 4 triggered class-1 images class 0 (4/4) and 1 of them
+    # untriggered (1/4); client 1 (compromised) always says class 1: 0/4 and 0/4.
+    bd = _scored([_Corner(), _Corner(always=1)])["backdoor_success"]
+    assert (bd["benign"], bd["malicious"], bd["target"]) == (1.0, 0.0, 0)
+    assert bd["untriggered"] == {"per_client": {"0": 0.25, "1": 0.0}, "benign": 0.25,
+                                 "malicious": 0.0}  # fmt: skip
+
+
+def test_a_model_that_calls_everything_the_target_shows_no_backdoor_lift():
+    p = _scored([_Corner(always=0), _Corner(always=1)])
+    bd = p["backdoor_success"]
+    assert bd["benign"] == bd["untriggered"]["benign"] == 1.0  # 4/4 either way
+    assert p["warnings"] == [
+        "backdoor success on benign models (100.0%) is no higher than without the trigger "
+        "(100.0%): the models call those images class 0 anyway, so the trigger adds nothing"
+    ]
+    assert _scored([_Corner(), _Corner(always=1)])["warnings"] == []  # 100% over 25%
