@@ -200,9 +200,9 @@ def _no_lift(bd: dict[str, Any]) -> str | None:
     if math.isnan(hit) or math.isnan(floor) or hit > floor:
         return None
     return (
-        f"backdoor success on benign models ({100 * hit:.1f}%) is no higher than without the "
-        f"trigger ({100 * floor:.1f}%): the models call those images class {bd['target']} "
-        "anyway, so the trigger adds nothing"
+        f"the trigger adds nothing: backdoor success on benign models ({100 * hit:.1f}%) is no "
+        f"higher than their rate of class {bd['target']} on the same images without it "
+        f"({100 * floor:.1f}%)"
     )
 
 

@@ -386,7 +386,7 @@ def test_a_model_that_calls_everything_the_target_shows_no_backdoor_lift():
     bd = p["backdoor_success"]
     assert bd["benign"] == bd["untriggered"]["benign"] == 1.0  # 4/4 either way
     assert p["warnings"] == [
-        "backdoor success on benign models (100.0%) is no higher than without the trigger "
-        "(100.0%): the models call those images class 0 anyway, so the trigger adds nothing"
+        "the trigger adds nothing: backdoor success on benign models (100.0%) is no higher "
+        "than their rate of class 0 on the same images without it (100.0%)"
     ]
     assert _scored([_Corner(), _Corner(always=1)])["warnings"] == []  # 100% over 25%
