@@ -266,8 +266,12 @@ def pareto_notes(table_rows: list[dict[str, Any]]) -> list[str]:
     """One line per task: the configurations on the front and what the front means."""
     out = []
     for task in dict.fromkeys(r.get("task") for r in table_rows):
-        front = [r["config"] for r in table_rows if r.get("task") == task and r.get("pareto")]
+        group = [r for r in table_rows if r.get("task") == task]
+        front = [r["config"] for r in group if r.get("pareto")]
         where = f" ({task})" if len({r.get("task") for r in table_rows}) > 1 else ""
+        if not any(r["attacks"] for r in group):  # "none" would read as a finding
+            out.append(f"No Pareto front{where}: no configuration runs an evasion attack.")
+            continue
         out.append(
             f"Pareto front{where}: {', '.join(front) or 'none'}: no other configuration has "
             "both a higher clean ACC and a lower AASR of its strongest attack."

@@ -141,3 +141,12 @@ def test_data_clash_on_a_known_case():
     )
     odd = [("a.toml", "x", syn, "f0"), ("b.toml", "x", syn, "f1")]
     assert "(data: the same [data], other images)" in data_clash(odd)
+
+
+def test_pareto_notes_without_an_evasion_attack_name_no_front():
+    from testbed.compare import pareto_notes
+
+    acc = {"mean": 0.9, "std": 0.0, "n": 1}
+    rows = [{"config": c, "task": "t", "acc": acc, "attacks": {}, "strongest": None,
+             "pareto": False} for c in ("a", "b")]  # fmt: skip
+    assert pareto_notes(rows) == ["No Pareto front: no configuration runs an evasion attack."]
