@@ -175,12 +175,13 @@ def threat_warnings(scenario: Scenario, threat: Threat) -> list[str]:
 
 
 def _share(hits: torch.Tensor) -> float:
-    return float(hits.float().mean()) if hits.numel() else math.nan
+    return float(hits.float().mean())
 
 
 def _mean(values: list[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
+    """NaN where any value is NaN (a model with non-finite outputs, recorded as a
+    `diverged` event): a mean over the healthy models alone would look like a valid one."""
+    return sum(values) / len(values) if values else math.nan
 
 
 def _per_client_rates(
@@ -236,6 +237,8 @@ def poisoning_metrics(
                 test = clients[d.client_id]
                 x_trig, target = attack.backdoor_test(test.x_test, test.y_test)
                 keep = test.y_test != target  # images already of the target class prove nothing
+                if not keep.any():  # nothing to measure on this client: not a rate of 0 or NaN
+                    continue
                 pred = predict(d, to_unit(x_trig[keep]), hooks, (seed, "backdoor"))
                 rates[d.client_id] = math.nan if unpredicted(pred) else _share(pred == target)
                 # The same images without the trigger: the target rate the model has anyway
@@ -258,6 +261,8 @@ def poisoning_metrics(
                 test = clients[d.client_id]
                 taught = mapping.to(test.y_test.device)[test.y_test]
                 flipped = taught != test.y_test
+                if not flipped.any():  # no image of a class the attack relabels
+                    continue
                 pred = predict(d, to_unit(test.x_test[flipped]), hooks, (seed, "targeted"))
                 hits = pred == taught[flipped]
                 rates[d.client_id] = math.nan if unpredicted(pred) else _share(hits)

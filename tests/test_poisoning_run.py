@@ -5,6 +5,7 @@ runs. What each model-poisoning attack does to one round: test_model_poisoning_r
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -356,7 +357,14 @@ class _LightCorner:
         return x, 0
 
 
-def _scored(models: list[torch.nn.Module]) -> dict:
+class _Diverged(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 2), float("nan"))
+
+
+def _scored(models: list[torch.nn.Module], only_target: tuple[int, ...] = ()) -> dict:
+    """Client c's test images: 4 of class 1 (one with the bottom-right pixel lit) and 1 of
+    class 0; only class-0 images for the clients in ``only_target``. Client 1 is compromised."""
     from testbed.local_training import ClientData
     from testbed.poisoning_run import Threat, poisoning_metrics
     from testbed.transfer import deploy
@@ -364,11 +372,15 @@ def _scored(models: list[torch.nn.Module]) -> dict:
     x = torch.zeros(5, 1, 4, 4, dtype=torch.uint8)
     x[0, 0, 3, 3] = 255  # one class-1 image the model calls class 0 without the trigger
     y = torch.tensor([1, 1, 1, 1, 0])  # the class-0 image proves nothing and is left out
-    clients = [ClientData(c, x, y, x, y) for c in range(len(models))]
+    clients = [
+        ClientData(c, x, y, x, torch.zeros_like(y) if c in only_target else y)
+        for c in range(len(models))
+    ]
     threat = Threat(malicious=(1,), collude=False, attacks=[("corner", _LightCorner())])
+    acc = {str(c): 0.8 for c in range(len(models))}
     return poisoning_metrics(
         threat, deploy(models), clients, build_host(autoload=False).hook, seed=0,
-        num_classes=2, acc={"0": 0.8, "1": 0.2}, history=[], warnings=[],
+        num_classes=2, acc=acc, history=[], warnings=[],
     )  # fmt: skip
 
 
@@ -390,3 +402,24 @@ def test_a_model_that_calls_everything_the_target_shows_no_backdoor_lift():
         "than their rate of class 0 on the same images without it (100.0%)"
     ]
     assert _scored([_Corner(), _Corner(always=1)])["warnings"] == []  # 100% over 25%
+
+
+def test_a_diverged_benign_model_makes_the_benign_rates_na_not_a_mean_of_the_rest():
+    p = _scored([_Corner(), _Corner(always=1), _Diverged()])
+    bd = p["backdoor_success"]
+    assert bd["per_client"]["0"] == 1.0 and math.isnan(bd["per_client"]["2"])
+    assert math.isnan(bd["benign"]) and math.isnan(bd["untriggered"]["benign"])
+    assert bd["malicious"] == 0.0 and p["warnings"] == []
+    # clean accuracy NaN for the diverged client: the benign mean is n/a as well
+    from testbed.poisoning_run import _mean
+
+    assert math.isnan(_mean([0.8, math.nan])) and _mean([0.8, 0.6]) == 0.7
+
+
+def test_a_client_without_images_of_other_classes_is_left_out_not_counted():
+    # client 2 holds class-0 (target) images only: no rate, and the benign mean is client 0's
+    bd = _scored([_Corner(), _Corner(always=1), _Corner(always=0)], only_target=(2,))[
+        "backdoor_success"
+    ]
+    assert set(bd["per_client"]) == {"0", "1"}
+    assert bd["benign"] == 1.0 and bd["untriggered"]["benign"] == 0.25
