@@ -26,12 +26,21 @@ from testbed.scenario import Scenario
 def label_clash(scenarios: Sequence[tuple[str, Scenario]]) -> str | None:
     """Why two compared scenarios cannot share a table, else None: an attack label that
     names different attacks (another name or params) in two scenarios of the same task,
-    whose column would set unlike attacks side by side."""
+    or the same attack run by other adversaries on another number of images, whose
+    column would set unlike measurements side by side."""
     seen: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
     for path, scenario in scenarios:
+        tm = scenario.threat_model
+        who: dict[str, Any] = {
+            "threat_model.adversaries": tm.adversaries,
+            "threat_model.samples_per_adversary": tm.samples_per_adversary,
+        }
+        if tm.adversaries == "malicious":  # then these say who the adversaries are
+            who |= {"threat_model.malicious": tm.malicious,
+                    "threat_model.malicious_fraction": tm.malicious_fraction}  # fmt: skip
         for task in scenario.task_list():
             for a in scenario.attacks:
-                what = {"name": a.name, **a.params}
+                what = {"name": a.name, **a.params, **who}
                 first = seen.setdefault((task.name, a.label), (path, what))
                 if first[1] != what:
                     return (

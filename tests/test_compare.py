@@ -103,6 +103,14 @@ def test_one_label_for_two_attacks_on_one_task_is_refused_before_running(tmp_pat
     c.write_text(b.read_text().replace('name = "pgd"', 'name = "pgd"\nlabel = "PGD-3 wide"'))
     reg = build_host(autoload=False).registry
     assert label_clash([(str(f), load_scenario(f, reg)) for f in (a, c)]) is None
+    # the same attack on another number of images (or by other adversaries) is another
+    # measurement under the same label
+    d = tmp_path / "d.toml"
+    d.write_text(
+        TINY.replace('name = "tiny"', 'name = "d"').replace("adversary = 10", "adversary = 7")
+    )
+    clash = label_clash([(str(f), load_scenario(f, reg)) for f in (a, d)])
+    assert clash is not None and "(threat_model.samples_per_adversary 10 vs 7)" in clash
 
 
 def test_one_task_on_other_images_is_refused_before_running(tmp_path, capsys):
