@@ -362,7 +362,9 @@ class _Diverged(torch.nn.Module):
         return torch.full((x.shape[0], 2), float("nan"))
 
 
-def _scored(models: list[torch.nn.Module], only_target: tuple[int, ...] = ()) -> dict:
+def _scored(
+    models: list[torch.nn.Module], only_target: tuple[int, ...] = (), acc: dict | None = None
+) -> dict:
     """Client c's test images: 4 of class 1 (one with the bottom-right pixel lit) and 1 of
     class 0; only class-0 images for the clients in ``only_target``. Client 1 is compromised."""
     from testbed.local_training import ClientData
@@ -377,7 +379,7 @@ def _scored(models: list[torch.nn.Module], only_target: tuple[int, ...] = ()) ->
         for c in range(len(models))
     ]
     threat = Threat(malicious=(1,), collude=False, attacks=[("corner", _LightCorner())])
-    acc = {str(c): 0.8 for c in range(len(models))}
+    acc = acc or {str(c): 0.8 for c in range(len(models))}
     return poisoning_metrics(
         threat, deploy(models), clients, build_host(autoload=False).hook, seed=0,
         num_classes=2, acc=acc, history=[], warnings=[],
@@ -405,15 +407,16 @@ def test_a_model_that_calls_everything_the_target_shows_no_backdoor_lift():
 
 
 def test_a_diverged_benign_model_makes_the_benign_rates_na_not_a_mean_of_the_rest():
-    p = _scored([_Corner(), _Corner(always=1), _Diverged()])
+    # clean accuracy as clean_accuracy gives it: NaN for the diverged client
+    p = _scored(
+        [_Corner(), _Corner(always=1), _Diverged()], acc={"0": 0.8, "1": 0.2, "2": math.nan}
+    )
+    assert math.isnan(p["acc_benign"])  # not client 0's 0.8 alone
     bd = p["backdoor_success"]
     assert bd["per_client"]["0"] == 1.0 and math.isnan(bd["per_client"]["2"])
     assert math.isnan(bd["benign"]) and math.isnan(bd["untriggered"]["benign"])
     assert bd["malicious"] == 0.0 and p["warnings"] == []
-    # clean accuracy NaN for the diverged client: the benign mean is n/a as well
-    from testbed.poisoning_run import _mean
-
-    assert math.isnan(_mean([0.8, math.nan])) and _mean([0.8, 0.6]) == 0.7
+    assert _scored([_Corner(), _Corner(always=1), _Corner()])["acc_benign"] == 0.8
 
 
 def test_a_client_without_images_of_other_classes_is_left_out_not_counted():
