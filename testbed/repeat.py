@@ -313,6 +313,7 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
                 on_adversary_done=lambda: bars.advance(t.attacks_bar), classes=ds.classes,
                 keep=scenario.explain.images if scenario.explain else 0,
             )  # fmt: skip
+            job.examples_dir.mkdir(parents=True, exist_ok=True)
             if (batch := example.pop("batch", None)) is not None:  # [explain] (explain.py)
                 attacks[spec.label]["explain"], fig = explain_for_run(
                     scenario.explain, finals, adversaries[0], batch

@@ -168,8 +168,7 @@ def run_task(
             repeats.append(done)
             continue
         label = task.name + (f" [{r + 1}/{len(seeds)}]" if len(seeds) > 1 else "")
-        examples_dir = run_dir / "examples" / safe_name(task.name)
-        examples_dir.mkdir(parents=True, exist_ok=True)
+        examples_dir = run_dir / "examples" / safe_name(task.name)  # made by the first attack
         job = Repeat(
             scenario, task, host, ds, seed, device, data_root, engine, bars, ckpt, label,
             cache, use_cache, examples_dir, data_fp, code_fp, warn,

@@ -46,6 +46,12 @@ def threat_problems(tm: ThreatModel, n_clients: int, poisoning: bool) -> list[st
             f"threat_model.malicious_fraction {tm.malicious_fraction} of {n_clients} clients "
             "gives round(f * N) = 0 compromised clients"
         ]
+    if poisoning and k >= n_clients:  # every poisoning verdict reads the honest models
+        return [
+            f"[[poisoning]] with all {n_clients} clients compromised leaves no benign client, "
+            "and the poisoning metrics are measured on the benign clients' models: "
+            "compromise fewer"
+        ]
     if k == 0 and (poisoning or tm.adversaries == "malicious"):
         what = "[[poisoning]]" if poisoning else "threat_model.adversaries = 'malicious'"
         return [f"{what} needs threat_model.malicious or malicious_fraction"]

@@ -82,6 +82,14 @@ def problems(tmp_path: Path, text: str, host) -> list[str]:
         ("[threat_model]\nmalicious_fraction = 0.05\n", "gives round(f * N) = 0 compromised"),
         ('[[poisoning]]\nname = "sign_flip"\n', "[[poisoning]] needs threat_model.malicious"),
         (
+            '[threat_model]\nmalicious_fraction = 0.95\n[[poisoning]]\nname = "sign_flip"\n',
+            "[[poisoning]] with all 5 clients compromised leaves no benign client",
+        ),
+        (
+            '[threat_model]\nmalicious = [0, 1, 2, 3, 4]\n[[poisoning]]\nname = "gaussian"\n',
+            "[[poisoning]] with all 5 clients compromised leaves no benign client",
+        ),
+        (
             '[threat_model]\nmalicious = [1]\n[[poisoning]]\nname = "alie"\n',
             "alie reads the round's benign updates: it needs threat_model.collude = true",
         ),

@@ -108,6 +108,25 @@ def test_many_clients_report_the_spread_not_one_column_each(tmp_path):
     assert f"{100 * min(values):.2f}%" in report
 
 
+def test_a_run_without_evasion_attacks_shows_no_empty_attack_table(tmp_path, capsys):
+    """A poisoning-only or clean run has no [[attacks]]: no attack table with a header and
+    no rows (it read as attacks that produced nothing) and no empty examples folder."""
+    scenario = tmp_path / "clean.toml"
+    scenario.write_text(
+        TINY.replace('[[attacks]]\nname = "pgd"\n', "").replace(
+            "params = { eps = 0.05, eps_step = 0.01, max_iter = 3 }\n", ""
+        )
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"]["synthetic"]["summary"]["attacks"] == {}
+    report = (out / "report.md").read_text()
+    assert "attacks, mean" not in report and "no evasion attack configured" in report
+    assert "attacks, mean" not in capsys.readouterr().out
+    assert not (out / "examples").exists()
+
+
 def test_paper_table_gives_the_95_percent_interval_over_seeds():
     """Three seeds: ACC [0.80, 0.81, 0.82] has sd 0.01, so the interval is 0.81 +- 4.3027 x
     0.01 / sqrt(3) = 0.81 +- 0.02484: 78.52-83.48%, which misses the paper's 84.12%. PGD-20
