@@ -55,6 +55,18 @@ def _stat_secs(stat: dict[str, Any]) -> str:
     return f"{m:.3f} s" + (f" ± {_num(stat['std']):.3f}" if stat.get("n", 1) > 1 else "")
 
 
+def _count_note(what: str, counts: list[int], of: str) -> list[str]:
+    """How many images a rate is computed on, with the step one image makes when that step is
+    coarse: a 100% on one test image must not read like a 100% on a hundred."""
+    if not counts:  # a run folder from before the counts were recorded
+        return []
+    lo, hi = min(counts), max(counts)
+    note = f"{what}: {lo}" + ("" if lo == hi else f" to {hi}")
+    if 0 < lo < 50:
+        note += f" (one image is {100 / lo:.3g} points of {of})"
+    return [note]
+
+
 WIDE = 8
 """Above this many clients, tables show the spread over clients instead of one column each."""
 
@@ -100,6 +112,11 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                 "from cache" if cache.get("hit") else "trained",
             ]
         )
+    acc.notes += _count_note(
+        "test images per client",
+        [c["test"] for r in repeats for c in r.get("clients", [])],
+        "the smallest client's accuracy",
+    )
     out.append(acc)
 
     summ = task["summary"]
@@ -121,6 +138,11 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
         )
     if s.rows:
         s.notes.append(f"mean clean ACC {_stat_pct(summ['acc_mean'])}")
+        s.notes += _count_note(
+            "images attacked per adversary",
+            [n for r in repeats for a in r["attacks"].values() for n in a.get("samples", [])],
+            "an adversary's own ASR",
+        )
         s.notes.append(
             "AASR counts changed predictions (the paper's); AASR vs label: among the images a "
             "model classifies correctly, the share misclassified after the attack"

@@ -67,6 +67,17 @@ def test_report_markdown_has_paper_tables_and_rerenders_identically(sweep_run, c
     assert "ASR, PGD-3" in out and "figure: plots/meningioma/sweep_FGSM_eps.png" in out
 
 
+def test_report_says_how_many_images_each_rate_is_computed_on(sweep_run):
+    """TINY attacks 10 images per adversary: one image is 100 / 10 = 10 points of its ASR.
+    The test split sizes come from the partition (metrics.json), the step from the smallest."""
+    md = (sweep_run / "report.md").read_text()
+    assert "images attacked per adversary: 10 (one image is 10 points of an adversary's" in md
+    (rep,) = json.loads((sweep_run / "metrics.json").read_text())["tasks"]["meningioma"]["repeats"]
+    sizes = sorted(c["test"] for c in rep["clients"])
+    span = f"{sizes[0]}" + ("" if sizes[0] == sizes[-1] else f" to {sizes[-1]}")
+    assert f"test images per client: {span} (one image is {100 / sizes[0]:.3g} points" in md
+
+
 def test_report_of_a_folder_without_metrics_is_a_user_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
