@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.hostinfo import differences
-from testbed.paper import TABLE_I, TABLE_II, paper_attack_labels
+from testbed.paper import TABLE_I
 from testbed.privacy import report_notes
 
 
@@ -72,7 +72,9 @@ WIDE = 8
 
 
 def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
-    from testbed.report_robustness import robust_cell, robustness_tables  # it imports this module
+    # both import this module
+    from testbed.report_paper import paper_tables
+    from testbed.report_robustness import robust_cell, robustness_tables
 
     repeats = task["repeats"]
     n_clients = len(repeats[0]["acc"])
@@ -255,61 +257,6 @@ def root_set_notes(repeats: list[dict[str, Any]]) -> list[str]:
         f"Images per class, {counts}. The server trains on it {t['epochs']} epoch(s), "
         f"batch {t['batch_size']}, lr {t['lr']:g}"
     ]
-
-
-def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
-    """Our Table I and II beside the paper's, with the differences."""
-    summ = task["summary"]
-    labels = paper_attack_labels(task["repeats"][0]["attacks"])
-    acc, p20, p40, t20, t40 = TABLE_I[name]
-    aetr_fgsm, aetr_pgd = TABLE_II[name]
-
-    def stat(label: str | None, key: str) -> dict[str, Any]:
-        return summ["attacks"][label][key] if label else {}
-
-    rows = [
-        ("ACC", summ["acc_mean"], acc, True),
-        ("AASR PGD-20", stat(labels["PGD-20"], "aasr"), p20, True),
-        ("AASR PGD-40", stat(labels["PGD-40"], "aasr"), p40, True),
-        ("s / PGD-20 batch", stat(labels["PGD-20"], "cost_s"), t20, False),
-        ("s / PGD-40 batch", stat(labels["PGD-40"], "cost_s"), t40, False),
-        ("AETR FGSM", stat(labels["FGSM"], "aetr"), aetr_fgsm, True),
-        ("AETR PGD-20", stat(labels["PGD-20"], "aetr"), aetr_pgd, True),
-    ]
-    t = TableData(
-        f"{title}: Tables I and II beside the paper",
-        ["metric", "ours", "95% CI", "paper", "diff"],
-    )
-    inside: list[str] = []
-    has_ci = False
-    for metric, st, theirs, is_rate in rows:
-        ours = _num(st.get("mean"))
-        if not is_rate:  # seconds: hardware-bound, no interval over seeds
-            diff = "n/a" if math.isnan(ours) else f"x{ours / theirs:.3g}"
-            cells = ["n/a" if math.isnan(ours) else f"{ours:.3f}", "-", f"{theirs}", diff]
-            t.rows.append([metric, *cells])
-            continue
-        diff = "n/a" if math.isnan(ours) else f"{100 * (ours - theirs):+.2f} pp"
-        ci = "-"
-        if st.get("ci95") is not None:
-            has_ci = True
-            lo, hi = ours - _num(st["ci95"]), ours + _num(st["ci95"])
-            ci = f"{100 * lo:.2f}-{100 * hi:.2f}%"
-            if lo <= theirs <= hi:
-                inside.append(metric)
-        t.rows.append([metric, pct(ours), ci, pct(theirs), diff])
-    n = _num(summ["acc_mean"].get("n"))
-    if has_ci:
-        t.notes.append(
-            f"95% CI: Student's t over {n:.0f} seeds; the paper's value lies inside it for "
-            + (", ".join(inside) or "none")
-        )
-    elif n > 1:  # metrics.json written before summaries carried ci95
-        t.notes.append("95% CI: not in this run's summary (recorded before testbed kept it)")
-    else:
-        t.notes.append("95% CI: needs two seeds or more")
-    t.notes.append("paper: Darzi et al., Tables I-II (mean of 3 runs; its hardware not stated)")
-    return [t]
 
 
 def run_tables(metrics: dict[str, Any]) -> list[TableData]:

@@ -143,7 +143,7 @@ def test_paper_table_gives_the_95_percent_interval_over_seeds():
     0.01 / sqrt(3) = 0.81 +- 0.02484: 78.52-83.48%, which misses the paper's 84.12%. PGD-20
     AASR [0.26, 0.28, 0.30] (sd 0.02): 0.28 +- 0.04968 = 23.03-32.97%, which holds 27.52%."""
     from testbed.metrics import mean_std
-    from testbed.report import paper_tables
+    from testbed.report_paper import paper_tables
 
     attacks = {
         "PGD-20": {"attack": "pgd", "params": {"eps": 0.03, "eps_step": 0.007, "max_iter": 20}}
