@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from testbed.report import _num, pct
+from testbed.report import _num, majority_floor_note, pct
 from testbed.scenario import Scenario
 
 
@@ -101,6 +101,7 @@ def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, 
                 "cache_hits": sum(bool(r.get("cache", {}).get("hit")) for r in task["repeats"]),
                 "attacks": {},
                 "poisoning": summ.get("poisoning"),
+                "floor": majority_floor_note(task["repeats"]),
             }
             for label, a in summ["attacks"].items():
                 if label not in labels:
@@ -253,6 +254,8 @@ def render(labels: list[str], table_rows: list[dict[str, Any]], console: Console
     for row in sorted_rows(table_rows):
         t.add_row(*_cells(row, labels, poisoned))
     console.print(t)
+    for note in notes(table_rows):
+        console.print(note, markup=False, highlight=False)
 
 
 def markdown(
@@ -265,10 +268,19 @@ def markdown(
     lines += [
         "| " + " | ".join(_cells(row, labels, poisoned)) + " |" for row in sorted_rows(table_rows)
     ]
-    lines += ["", *pareto_notes(table_rows)]
+    lines += ["", *notes(table_rows)]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def notes(table_rows: list[dict[str, Any]]) -> list[str]:
+    """The Pareto front per task, then each configuration whose models learned nothing (a
+    low clean ACC beside a high AASR is otherwise read as a weak defence)."""
+    out = pareto_notes(table_rows)
+    for r in table_rows:
+        out += [f"warning: {r['config']}: {n.removeprefix('warning: ')}" for n in r["floor"]]
+    return out
 
 
 def pareto_notes(table_rows: list[dict[str, Any]]) -> list[str]:

@@ -355,6 +355,9 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
                 "train_label_counts": torch.bincount(
                     c.y_train.cpu(), minlength=len(ds.classes)
                 ).tolist(),
+                "test_label_counts": torch.bincount(
+                    c.y_test.cpu(), minlength=len(ds.classes)
+                ).tolist(),
             }
             for c in clients
         ],

@@ -67,6 +67,31 @@ def _count_note(what: str, counts: list[int], of: str) -> list[str]:
     return [note]
 
 
+def majority_floor_note(repeats: list[dict[str, Any]]) -> list[str]:
+    """A warning when a client's model is no better than always answering the commonest
+    class of its own test split: on a non-IID split that floor can be 90%, and the attack
+    rates of such a model describe one that learned nothing."""
+    hits, total = [], 0
+    for r in repeats:
+        for c in r.get("clients", []):
+            counts = c.get("test_label_counts")  # absent in runs from before it was recorded
+            if not counts or not sum(counts):
+                continue
+            total += 1
+            n, acc = sum(counts), _num(r["acc"].get(str(c["id"])))
+            floor = max(counts) / n
+            if acc <= floor + 0.5 / n:  # within half an image: float32 accuracy vs this ratio
+                hits.append(f"seed {r['seed']} client {c['id']} {pct(acc)} against {pct(floor)}")
+    if not hits:
+        return []
+    shown = "; ".join(hits[:4]) + (f"; {len(hits) - 4} more" if len(hits) > 4 else "")
+    return [
+        f"warning: {len(hits)} of {total} client models are no better than always answering "
+        f"their test split's commonest class ({shown}): their attack rates describe models "
+        "that learned nothing"
+    ]
+
+
 WIDE = 8
 """Above this many clients, tables show the spread over clients instead of one column each."""
 
@@ -119,6 +144,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
         [c["test"] for r in repeats for c in r.get("clients", [])],
         "the smallest client's accuracy",
     )
+    acc.notes += majority_floor_note(repeats)
     out.append(acc)
 
     summ = task["summary"]

@@ -136,7 +136,7 @@ def compare_page(
         "Defence comparison, mean ± std over seeds",
         compare.headers(labels, poisoned),
         [compare._cells(r, labels, poisoned) for r in compare.sorted_rows(rows)],
-        [compare.SORT_NOTE + " (click a header to sort by it)", *compare.pareto_notes(rows)],
+        [compare.SORT_NOTE + " (click a header to sort by it)", *compare.notes(rows)],
     )
     page.section("Comparison", table_html(t, page.new_id()))
     figs = "".join(figure_html(out / name, name) for name in figures if (out / name).is_file())

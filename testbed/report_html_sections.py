@@ -260,8 +260,12 @@ def clients_table(title: str, task: dict[str, Any]) -> TableData:
         for c in r.get("clients", []):
             counts = c.get("train_label_counts") or []
             per_class = ", ".join(f"{_class(classes, i)} {n}" for i, n in enumerate(counts))
+            test = str(c["test"])
+            if tc := c.get("test_label_counts"):  # the floor the clean ACC is read against
+                test += " (" + ", ".join(f"{_class(classes, i)} {n}" for i, n in enumerate(tc))
+                test += ")"
             t.rows.append(
-                [str(r["seed"]), str(c["id"]), str(c["train"]), str(c["test"]), per_class,
+                [str(r["seed"]), str(c["id"]), str(c["train"]), test, per_class,
                  pct(r["acc"].get(str(c["id"])))]
             )  # fmt: skip
     return t

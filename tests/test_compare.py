@@ -36,7 +36,25 @@ def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
     for name in ("no-dp", "paper-dp", "median"):
         assert (out / name / "metrics.json").exists()
         assert (out / name / "report.html").exists()
-    assert "Defence comparison" in capsys.readouterr().out
+    terminal = capsys.readouterr().out
+    assert "Defence comparison" in terminal and "Pareto front: " in terminal
+
+    # A configuration whose models are no better than the commonest class is named
+    metrics = json.loads((out / "no-dp" / "metrics.json").read_text())
+    (rep,) = metrics["tasks"]["synthetic"]["repeats"]
+    for c in rep["clients"]:
+        c["test_label_counts"] = [1, 3]  # 4 test images: the floor is 75%
+    rep["acc"] = {"0": 0.75, "1": 1.0, "2": 1.0}
+    from testbed import compare
+
+    _, flagged = compare.rows({"no-dp": metrics})
+    assert compare.notes(flagged)[1:] == [
+        "warning: no-dp: 1 of 3 client models are no better than always answering their test "
+        "split's commonest class (seed 5 client 0 75.00% against 75.00%): their attack rates "
+        "describe models that learned nothing"
+    ]
+    for r in table["rows"]:  # the tiny runs' own (2 rounds): in compare.md as computed
+        assert all(f"warning: {r['config']}: {n[9:]}" in md for n in r["floor"])
 
     # Trade-offs: the figures, the front, and the tables sorted by the strongest AASR
     for fig in ("tradeoff.png", "tradeoff_epsilon.png"):  # paper-dp has an epsilon

@@ -78,6 +78,28 @@ def test_report_says_how_many_images_each_rate_is_computed_on(sweep_run):
     assert f"test images per client: {span} (one image is {100 / sizes[0]:.3g} points" in md
 
 
+def test_a_model_no_better_than_the_commonest_class_is_flagged(sweep_run):
+    """12 test images, 9 of one class: always answering it scores 75%. A model at 75% (or
+    74.99%, float32) is flagged; one at 10/12 = 83.33% is not; a run without the counts
+    (recorded before them) says nothing."""
+    from testbed.report import markdown
+
+    metrics = json.loads((sweep_run / "metrics.json").read_text())
+    (rep,) = metrics["tasks"]["meningioma"]["repeats"]
+    for c in rep["clients"]:
+        c["test_label_counts"] = [3, 9]
+    rep["acc"] = {"0": 0.7499999, "1": 10 / 12, "2": 0.5}
+    md = markdown(metrics)
+    assert (
+        "warning: 2 of 3 client models are no better than always answering their test "
+        "split's commonest class (seed 5 client 0 75.00% against 75.00%; seed 5 client 2 "
+        "50.00% against 75.00%)"
+    ) in md
+    for c in rep["clients"]:
+        del c["test_label_counts"]
+    assert "commonest class" not in markdown(metrics)
+
+
 def test_report_of_a_folder_without_metrics_is_a_user_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
