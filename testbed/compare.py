@@ -275,8 +275,8 @@ def markdown(
 
 
 def notes(table_rows: list[dict[str, Any]]) -> list[str]:
-    """The Pareto front per task, then each configuration whose models learned nothing (a
-    low clean ACC beside a high AASR is otherwise read as a weak defence)."""
+    """The Pareto front per task, then each configuration with client models at their class
+    floor (a high AASR on a model that learned nothing reads as a weak defence)."""
     out = pareto_notes(table_rows)
     for r in table_rows:
         out += [f"warning: {r['config']}: {n.removeprefix('warning: ')}" for n in r["floor"]]

@@ -49,9 +49,9 @@ def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
 
     _, flagged = compare.rows({"no-dp": metrics})
     assert compare.notes(flagged)[1:] == [
-        "warning: no-dp: 1 of 3 client models are no better than always answering their test "
-        "split's commonest class (seed 5 client 0 75.00% against 75.00%): their attack rates "
-        "describe models that learned nothing"
+        "warning: no-dp: 1 of 3 client models score no higher than always answering their "
+        "test split's commonest class (seed 5 client 0 75.00% against 75.00%): their accuracy "
+        "does not show that they learned the task"
     ]
     for r in table["rows"]:  # the tiny runs' own (2 rounds): in compare.md as computed
         assert all(f"warning: {r['config']}: {n[9:]}" in md for n in r["floor"])

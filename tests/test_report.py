@@ -91,9 +91,9 @@ def test_a_model_no_better_than_the_commonest_class_is_flagged(sweep_run):
     rep["acc"] = {"0": 0.7499999, "1": 10 / 12, "2": 0.5}
     md = markdown(metrics)
     assert (
-        "warning: 2 of 3 client models are no better than always answering their test "
+        "warning: 2 of 3 client models score no higher than always answering their test "
         "split's commonest class (seed 5 client 0 75.00% against 75.00%; seed 5 client 2 "
-        "50.00% against 75.00%)"
+        "50.00% against 75.00%): their accuracy does not show that they learned the task"
     ) in md
     for c in rep["clients"]:
         del c["test_label_counts"]
