@@ -154,13 +154,18 @@ def cmd_search(host: Host, args: argparse.Namespace, console: Console) -> int:
         fed = scenario.federation.model_copy(update={"device": args.device})
         scenario = scenario.model_copy(update={"federation": fed})
     out = args.out or Path(scenario.report.out_dir) / f"search-{scenario.scenario.name}"
+    fresh = not out.exists()  # made early to fail before training; not left behind empty
     try:
         result = run_search(
             scenario, host, data_root=_data_root(args), out=out, n_trials=args.trials,
             console=console, show_progress=not args.no_progress,
         )  # fmt: skip
-    except RunError as exc:
-        return _fail(console, f"{args.scenario}: {exc}")
+    except BaseException as exc:
+        if fresh and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(exc, RunError):
+            return _fail(console, f"{args.scenario}: {exc}")
+        raise
     p = result.best_perceptibility
     print(result.toml, end="")
     console.print(

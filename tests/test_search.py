@@ -134,6 +134,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, edit, message):
     assert main(["search", str(scenario), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "reports" / "search-tiny").exists()  # no empty folder left behind
 
 
 def test_a_search_weaker_than_a_configured_attack_says_so(tmp_path, monkeypatch, capsys):
@@ -196,3 +197,4 @@ def test_a_diverged_federation_is_one_line_not_no_feasible_trial(tmp_path, capsy
     err = " ".join(capsys.readouterr().err.split())
     assert "the federation diverged: client 0's model gives non-finite outputs on" in err
     assert "no feasible trial" not in err
+    assert not (tmp_path / "reports" / "search-tiny").exists()  # made before training, removed
