@@ -38,6 +38,17 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
+def balanced_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over the classes present in ``y`` of the share of their images predicted as
+    themselves (recall), as sklearn's balanced_accuracy_score: always giving one answer
+    scores 1/k however skewed the split is, where plain accuracy scores the commonest
+    class's share (Brodersen et al., ICPR 2010). Torch, to stay on the models' device."""
+    if unpredicted(pred):
+        return math.nan
+    recalls = [(pred[y == c] == c).float().mean() for c in torch.unique(y)]
+    return float(torch.stack(recalls).mean())
+
+
 def attack_success_rate(pred_clean: torch.Tensor, pred_adv: torch.Tensor) -> float:
     """ASR of one model: share of attacked images whose predicted label changed."""
     if unpredicted(pred_clean, pred_adv):

@@ -301,7 +301,7 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
         set_weights(m, state.client_weights[cid])
         finals.append(m)
     deployed = deploy(finals)
-    acc, diverged = clean_accuracy(deployed, clients, host.hook, seed)
+    acc, balanced, diverged = clean_accuracy(deployed, clients, host.hook, seed)
     attacks: dict[str, Any] = ckpt.load_json(task.name, seed, "attacks") or {}
     bars.reset(t.attacks_bar, len(scenario.attacks) * len(adversaries), 0)
     for spec in scenario.attacks:
@@ -363,6 +363,8 @@ def _evaluate(job: Repeat, t: Trained) -> tuple[dict[str, Any], list[torch.nn.Mo
         ],
         "acc": acc,
         "acc_mean": sum(acc.values()) / len(acc),
+        "acc_balanced": balanced,
+        "acc_balanced_mean": sum(balanced.values()) / len(balanced),
         "client_models": client_model_spread(
             [state.client_weights[cid] for cid in range(fed.clients)]
         ),

@@ -109,7 +109,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
     if wide:  # one column per client would not fit: the spread (all values in metrics.json)
         acc = TableData(
             f"{title}: clean accuracy over {n_clients} clients (own test split)",
-            ["seed", "min", "median", "max", "mean", "robust ACC", "federation"],
+            ["seed", "min", "median", "max", "mean", "balanced", "robust ACC", "federation"],
         )
     else:
         acc = TableData(
@@ -118,6 +118,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                 "seed",
                 *[f"client {c}" for c in range(n_clients)],
                 "mean",
+                "balanced",
                 "robust ACC",
                 "federation",
             ],
@@ -135,6 +136,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
                 str(r["seed"]),
                 *cells,
                 pct(r["acc_mean"]),
+                pct(r.get("acc_balanced_mean")),  # n/a for runs from before it
                 robust_cell(r),
                 "from cache" if cache.get("hit") else "trained",
             ]
@@ -143,6 +145,10 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
         "test images per client",
         [c["test"] for r in repeats for c in r.get("clients", [])],
         "the smallest client's accuracy",
+    )
+    acc.notes.append(
+        "balanced: the mean over the classes in each client's split of the share it "
+        "recognises (a constant answer scores 1 / classes, however skewed the split)"
     )
     acc.notes += majority_floor_note(repeats)
     out.append(acc)

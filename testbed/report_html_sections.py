@@ -111,13 +111,14 @@ KNOWN_ATTACK_KEYS = {
 """Keys of an attack's per-seed record that the report's tables already show (or that
 are per-image data); any other key gets a generic table."""
 KNOWN_REPEAT_KEYS = {
-    "seed", "cache", "clients", "acc", "acc_mean", "attacks", "robustness", "privacy",
-    "events", "rounds", "timing", "poisoning", "server", "outsider",
+    "seed", "cache", "clients", "acc", "acc_mean", "acc_balanced", "acc_balanced_mean",
+    "attacks", "robustness", "privacy", "events", "rounds", "timing", "poisoning", "server",
+    "outsider",
 }  # fmt: skip
 KNOWN_SUMMARY_ATTACK_KEYS = {"aasr", "aasr_benign", "aasr_own", "aetr", "aasr_true", "cost_s"}
 KNOWN_SUMMARY_KEYS = {
-    "acc_mean", "attacks", "epsilon", "events", "round_s", "poisoning", "robust_acc",
-    "sanity_flags",
+    "acc_mean", "acc_balanced_mean", "attacks", "epsilon", "events", "round_s", "poisoning",
+    "robust_acc", "sanity_flags",
 }  # fmt: skip
 
 
@@ -254,7 +255,15 @@ def clients_table(title: str, task: dict[str, Any]) -> TableData:
     classes = task.get("dataset", {}).get("classes", [])
     t = TableData(
         f"{title}: clients per seed",
-        ["seed", "client", "train images", "test images", "train images per class", "clean ACC"],
+        [
+            "seed",
+            "client",
+            "train images",
+            "test images",
+            "train images per class",
+            "clean ACC",
+            "balanced ACC",
+        ],
     )
     for r in task["repeats"]:
         for c in r.get("clients", []):
@@ -266,7 +275,8 @@ def clients_table(title: str, task: dict[str, Any]) -> TableData:
                 test += ")"
             t.rows.append(
                 [str(r["seed"]), str(c["id"]), str(c["train"]), test, per_class,
-                 pct(r["acc"].get(str(c["id"])))]
+                 pct(r["acc"].get(str(c["id"]))),
+                 pct(r.get("acc_balanced", {}).get(str(c["id"])))]
             )  # fmt: skip
     return t
 

@@ -194,7 +194,7 @@ def run_search(
     if remaining > 0:
         # inference-time defences (input transformations) act through the per-run objects
         with host.active(per_run_objects(scenario, host)):
-            _, diverged = clean_accuracy(fed.deployed, fed.clients, host.hook, fed.seed)
+            *_, diverged = clean_accuracy(fed.deployed, fed.clients, host.hook, fed.seed)
             if diverged:  # every trial would score NaN and read as "no feasible trial"
                 e = diverged[0]
                 raise RunError(

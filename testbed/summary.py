@@ -24,8 +24,10 @@ def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     eps = [_num(p["epsilon"]) for r in repeats for p in r["privacy"]]
     # .get: metrics written before the spread was recorded
     spread = [_num(r["client_models"]["distance_mean"]) for r in repeats if r.get("client_models")]
+    balanced = [_num(r["acc_balanced_mean"]) for r in repeats if "acc_balanced_mean" in r]
     return {
         "acc_mean": mean_std([_num(r["acc_mean"]) for r in repeats]),
+        **({"acc_balanced_mean": mean_std(balanced)} if len(balanced) == len(repeats) else {}),
         **({"client_distance": mean_std(spread)} if spread else {}),
         "attacks": attacks,
         "epsilon": mean_std(eps) if eps else None,

@@ -23,6 +23,7 @@ from testbed.metrics import (
     NO_PREDICTION,
     accuracy,
     attack_success_rate,
+    balanced_accuracy,
     direction_asr,
     error_transfer_rate,
     healthy_class,
@@ -104,21 +105,23 @@ def attack_pool(data: ClientData, n: int, seed: int) -> tuple[torch.Tensor, torc
 
 def clean_accuracy(
     deployed: Sequence[Deployed], clients: Sequence[ClientData], hooks: Any, seed: int
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Each deployed model's accuracy on its own test split, and an event for each model
-    that gives non-finite outputs (diverged): its accuracy and attack rates are NaN."""
-    acc, events = {}, []
+) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
+    """Each deployed model's accuracy on its own test split, its balanced accuracy there
+    (a label-skewed split inflates the plain one), and an event for each model that gives
+    non-finite outputs (diverged): its accuracies and attack rates are NaN."""
+    acc, balanced, events = {}, {}, []
     for d in deployed:
         test = clients[d.client_id]
         pred = predict(d, to_unit(test.x_test), hooks, (seed, "clean-accuracy"))
         acc[str(d.client_id)] = accuracy(pred, test.y_test)
+        balanced[str(d.client_id)] = balanced_accuracy(pred, test.y_test)
         if none := int((pred == NO_PREDICTION).sum()):
             events.append({
                 "round": "end", "client": d.client_id, "kind": "diverged",
                 "action": "its accuracy and attack rates are n/a",
                 "detail": f"non-finite outputs on {none} of {pred.numel()} own test images",
             })  # fmt: skip
-    return acc, events
+    return acc, balanced, events
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:

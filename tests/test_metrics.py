@@ -7,6 +7,7 @@ from testbed.metrics import (
     NO_PREDICTION,
     accuracy,
     attack_success_rate,
+    balanced_accuracy,
     class_name,
     client_model_spread,
     direction_asr,
@@ -27,6 +28,29 @@ def test_accuracy_and_asr_on_constructed_predictions():
     assert accuracy(clean, y) == 0.75
     # ASR compares the model's own labels before and after: items 0 and 2 changed.
     assert attack_success_rate(clean, adv) == 0.5
+
+
+def test_balanced_accuracy_is_blind_to_the_split_s_label_skew():
+    """9 images of class 1 and 1 of class 0. Always answering 1: accuracy 9/10, balanced
+    (recall 9/9 on class 1, 0/1 on class 0) = (1 + 0) / 2 = 0.5. A model that
+    gets the class-0 image and 6 of the 9: (1 + 6/9) / 2 = 5/6. A one-class split: its
+    recall. sklearn's balanced_accuracy_score gives the same on random cases."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = torch.tensor([0] + [1] * 9)
+    assert accuracy(torch.ones(10, dtype=torch.long), y) == pytest.approx(0.9)
+    assert balanced_accuracy(torch.ones(10, dtype=torch.long), y) == 0.5
+    six = torch.tensor([0] + [1] * 6 + [0] * 3)
+    assert balanced_accuracy(six, y) == pytest.approx(5 / 6)
+    assert balanced_accuracy(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 1])) == pytest.approx(
+        2 / 3
+    )
+    assert math.isnan(balanced_accuracy(torch.tensor([NO_PREDICTION, 1]), torch.tensor([0, 1])))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        y = torch.randint(0, 4, (50,), generator=g)
+        pred = torch.randint(0, 4, (50,), generator=g)
+        assert balanced_accuracy(pred, y) == pytest.approx(balanced_accuracy_score(y, pred))
 
 
 def test_a_model_without_finite_outputs_predicts_no_class_and_every_rate_is_nan():

@@ -76,6 +76,11 @@ def test_report_says_how_many_images_each_rate_is_computed_on(sweep_run):
     sizes = sorted(c["test"] for c in rep["clients"])
     span = f"{sizes[0]}" + ("" if sizes[0] == sizes[-1] else f" to {sizes[-1]}")
     assert f"test images per client: {span} (one image is {100 / sizes[0]:.3g} points" in md
+    # balanced accuracy beside the plain one: per client in metrics.json, their mean in md
+    assert set(rep["acc_balanced"]) == set(rep["acc"])
+    mean = sum(rep["acc_balanced"].values()) / len(rep["acc_balanced"])
+    assert rep["acc_balanced_mean"] == pytest.approx(mean)
+    assert "| mean | balanced |" in md and f"| {100 * mean:.2f}% |" in md
 
 
 def test_a_model_no_better_than_the_commonest_class_is_flagged(sweep_run):

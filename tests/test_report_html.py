@@ -202,8 +202,11 @@ def test_the_page_renders_in_chromium_with_the_runs_numbers(run_dir, browser):
     )
     header = table.find_element(By.XPATH, ".//th[normalize-space()='clean ACC']")
 
+    names = [th.text.strip() for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    nth = names.index("clean ACC") + 1
+
     def column() -> list[float]:
-        cells = table.find_elements(By.CSS_SELECTOR, "tbody tr td:last-child")
+        cells = table.find_elements(By.CSS_SELECTOR, f"tbody tr td:nth-child({nth})")
         return [float(c.text.rstrip("%")) for c in cells]
 
     header.click()
