@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -60,12 +61,16 @@ def simulate(scenario: Scenario, device: torch.device, body: Callable[[Engine], 
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)  # Flower's per-round INFO lines would break the bars
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=scenario.federation.clients,
-            backend_config=backend_config(scenario, device),
-        )
+        with warnings.catch_warnings():
+            # Ray's tip about a future default for num_gpus=0 actors, printed at every start
+            # amid the report; the behaviour it announces is not one a run relies on
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=scenario.federation.clients,
+                backend_config=backend_config(scenario, device),
+            )
     finally:
         flwr_log.setLevel(level)
         stop.set()  # a server thread still waiting for replies gives up instead of hanging
