@@ -147,8 +147,8 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
         "the smallest client's accuracy",
     )
     acc.notes.append(
-        "balanced: the mean over the classes in each client's split of the share it "
-        "recognises (a constant answer scores 1 / classes, however skewed the split)"
+        "balanced: mean recall over the classes of each client's split (a constant answer "
+        "scores 1 / classes)"
     )
     acc.notes += majority_floor_note(repeats)
     out.append(acc)
