@@ -8,7 +8,7 @@ naming the missing key instead of a KeyError from the middle of a table.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -54,10 +54,20 @@ class Event(Open):
     detail: str
 
 
+class Client(Open):
+    id: int
+    train: int = Field(ge=0)
+    test: int = Field(ge=0)
+    test_label_counts: list[Annotated[int, Field(ge=0)]] | None = None  # absent before it
+
+
 class Repeat(Open):
     seed: int
+    clients: list[Client] = Field(default_factory=list)
     acc: dict[str, Num]
     acc_mean: Num
+    acc_balanced: dict[str, Num] = Field(default_factory=dict)
+    acc_balanced_mean: Num = None
     attacks: dict[str, AttackRepeat]
     privacy: list[Privacy]
     events: list[Event] = Field(default_factory=list)

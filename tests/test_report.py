@@ -125,6 +125,20 @@ def test_a_tampered_number_is_one_problem_not_one_per_union_member(sweep_run, tm
     assert "; or 'inf', '-inf' or 'nan'" in err and "more)" not in err
 
 
+def test_tampered_class_counts_are_refused_not_read_as_a_floor(sweep_run, tmp_path, capsys):
+    """A negative count would put a client's class floor above 100%: one line, exit 2."""
+    import shutil
+
+    run = tmp_path / "tampered"
+    shutil.copytree(sweep_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["tasks"]["meningioma"]["repeats"][0]["clients"][0]["test_label_counts"] = [-5, 10]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(run)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "clients[0].test_label_counts[0]: Input should be greater than or equal to 0" in err
+
+
 def test_many_clients_report_the_spread_not_one_column_each(tmp_path):
     """Above 8 clients the tables give min/median/max over clients (the full per-client
     values stay in metrics.json)."""
