@@ -123,8 +123,10 @@ def repeat_metrics(rep: dict[str, Any]) -> dict[str, float]:
     """A seed's final metrics."""
     out: dict[str, float] = {}
     out.update(scalar_metrics(rep.get("acc", {}), "acc/client"))
-    if (f := _finite(rep.get("acc_mean"))) is not None:
-        out["acc_mean"] = f
+    out.update(scalar_metrics(rep.get("acc_balanced", {}), "acc_balanced/client"))
+    for name in ("acc_mean", "acc_balanced_mean"):
+        if (f := _finite(rep.get(name))) is not None:
+            out[name] = f
     for label, a in rep.get("attacks", {}).items():
         skip = {"asr", "per_image", "direction", "etr", "cost_s", "samples", "tsr"}
         out.update(scalar_metrics({k: v for k, v in a.items() if k not in skip},

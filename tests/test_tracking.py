@@ -54,6 +54,8 @@ def test_the_scenario_run_holds_params_summary_and_files(logged):
     assert params["attacks.0.params.eps"] == "0.05"
     summary = metrics["tasks"]["synthetic"]["summary"]
     assert parent.data.metrics["acc_mean/mean"] == pytest.approx(summary["acc_mean"]["mean"])
+    balanced = summary["acc_balanced_mean"]["mean"]
+    assert parent.data.metrics["acc_balanced_mean/mean"] == pytest.approx(balanced)
     aasr = summary["attacks"]["PGD-3"]["aasr"]["mean"]
     assert parent.data.metrics["attacks/PGD-3/aasr/mean"] == pytest.approx(aasr)
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
@@ -73,6 +75,10 @@ def test_one_nested_run_per_task_and_seed_with_per_round_metrics(logged):
         assert child.data.params == {"task": "synthetic", "seed": str(rep["seed"]),
                                      "dataset": "synthetic"}  # fmt: skip
         assert child.data.metrics["acc_mean"] == pytest.approx(rep["acc_mean"])
+        assert child.data.metrics["acc_balanced_mean"] == pytest.approx(rep["acc_balanced_mean"])
+        assert child.data.metrics["acc_balanced/client/0"] == pytest.approx(
+            rep["acc_balanced"]["0"]
+        )
         assert child.data.metrics["attack/PGD-3/aasr"] == pytest.approx(
             rep["attacks"]["PGD-3"]["aasr"]
         )
