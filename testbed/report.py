@@ -67,6 +67,17 @@ def _count_note(what: str, counts: list[int], of: str) -> list[str]:
     return [note]
 
 
+def class_floor(counts: list[int]) -> float:
+    """What always answering the commonest class scores on a split with these counts."""
+    return max(counts) / sum(counts)
+
+
+def at_class_floor(acc: float, counts: list[int]) -> bool:
+    """Whether ``acc`` is no higher than the split's class floor, within half an image
+    (float32 accuracies against this ratio)."""
+    return acc <= class_floor(counts) + 0.5 / sum(counts)
+
+
 def majority_floor_note(repeats: list[dict[str, Any]]) -> list[str]:
     """A warning when a client's model scores no higher than always answering the commonest
     class of its own test split: on a label-sorted non-IID split that floor reaches 95-100%
@@ -78,10 +89,10 @@ def majority_floor_note(repeats: list[dict[str, Any]]) -> list[str]:
             if not counts or not sum(counts):
                 continue
             total += 1
-            n, acc = sum(counts), _num(r["acc"].get(str(c["id"])))
-            floor = max(counts) / n
-            if acc <= floor + 0.5 / n:  # within half an image: float32 accuracy vs this ratio
-                hits.append(f"seed {r['seed']} client {c['id']} {pct(acc)} against {pct(floor)}")
+            acc = _num(r["acc"].get(str(c["id"])))
+            if at_class_floor(acc, counts):
+                floor = pct(class_floor(counts))
+                hits.append(f"seed {r['seed']} client {c['id']} {pct(acc)} against {floor}")
     if not hits:
         return []
     shown = "; ".join(hits[:4]) + (f"; {len(hits) - 4} more" if len(hits) > 4 else "")

@@ -18,6 +18,7 @@ import torch
 
 from testbed.assemble import split_train_test
 from testbed.pluginmanager import build_host
+from testbed.report import at_class_floor, class_floor
 from testbed.runner import load_task_data
 from testbed.scenario_load import load_scenario
 from testbed.state import generator
@@ -50,13 +51,13 @@ def main() -> None:
                     _, te = split_train_test(idx, ds.y, sc.partition.train_fraction, g)
                     if len(te) != r["clients"][cid]["test"]:
                         raise SystemExit(f"{path}: client {cid}'s split is not this partition's")
-                    counts = torch.bincount(ds.y[te], minlength=len(ds.classes))
-                    floor, acc = counts.max().item() / len(te), r["acc"][str(cid)]
-                    at = acc <= floor + 0.5 / len(te)  # as testbed.report.majority_floor_note
+                    counts = torch.bincount(ds.y[te], minlength=len(ds.classes)).tolist()
+                    floor, acc = class_floor(counts), r["acc"][str(cid)]
+                    at = at_class_floor(acc, counts)  # the rule the reports apply
                     hits, total = hits + at, total + 1
                     cells.append(
                         f"{cid}: {100 * acc:.1f} / {100 * floor:.1f} "
-                        f"({counts.max().item()} of {len(te)}){' **at floor**' if at else ''}"
+                        f"({max(counts)} of {len(te)}){' **at floor**' if at else ''}"
                     )
                 print(f"| {path.name} | {name} | {seed} | {'; '.join(cells)} |")
     print(f"\n{hits} of {total} client models score no higher than their class floor")
