@@ -93,6 +93,7 @@ def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, 
                 "scenario": name,
                 "task": task_name,
                 "acc": summ["acc_mean"],
+                "acc_balanced": summ.get("acc_balanced_mean"),  # absent in runs before it
                 "robust_acc": summ.get("robust_acc"),
                 "epsilon": _num(eps.get("mean")) if privacy else None,
                 "epsilon_std": _num(eps.get("std")) if privacy else None,
@@ -209,7 +210,10 @@ def _cells(row: dict[str, Any], labels: list[str], poisoned: bool = False) -> li
     privacy = "-" if eps is None else f"({eps:.3g}, {row['delta']:g})"
     rob = row.get("robust_acc")
     robust = pct(rob["mean"], rob["std"], rob["n"]) if rob else "n/a"
-    cells = [row["config"], pct(row["acc"]["mean"], row["acc"]["std"], row["acc"]["n"]), robust]
+    bal = row.get("acc_balanced")
+    balanced = pct(bal["mean"], bal["std"], bal["n"]) if bal else "n/a"
+    acc = pct(row["acc"]["mean"], row["acc"]["std"], row["acc"]["n"])
+    cells = [row["config"], acc, balanced, robust]
     cells.append(privacy)
     label = row.get("strongest")
     if label:
@@ -236,7 +240,8 @@ def _cells(row: dict[str, Any], labels: list[str], poisoned: bool = False) -> li
 
 def headers(labels: list[str], poisoned: bool = False) -> list[str]:
     h = [
-        "configuration", "clean ACC", "robust ACC", "(epsilon, delta)", "strongest AASR",
+        "configuration", "clean ACC", "balanced ACC", "robust ACC", "(epsilon, delta)",
+        "strongest AASR",
         "Pareto",
     ]  # fmt: skip
     if poisoned:

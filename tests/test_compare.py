@@ -32,6 +32,10 @@ def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
     assert by["paper-dp"]["mechanism"] == "paper_dp"
     md = (out / "compare.md").read_text()
     assert "| no-dp |" in md and "AASR PGD-3" in md
+    # balanced accuracy beside the clean one, as each run's summary has it
+    run = json.loads((out / "no-dp" / "metrics.json").read_text())["tasks"]["synthetic"]
+    assert by["no-dp"]["acc_balanced"] == run["summary"]["acc_balanced_mean"]
+    assert "| configuration | clean ACC | balanced ACC | robust ACC |" in md
     assert (out / "compare.png").stat().st_size > 1000
     for name in ("no-dp", "paper-dp", "median"):
         assert (out / name / "metrics.json").exists()
