@@ -59,7 +59,9 @@ def main() -> None:
                         f"{cid}: {100 * acc:.1f} / {100 * floor:.1f} "
                         f"({max(counts)} of {len(te)}){' **at floor**' if at else ''}"
                     )
-                print(f"| {path.name} | {name} | {seed} | {'; '.join(cells)} |")
+                run = path.name if path.name != "metrics.json" else str(path.parent)
+                run = run.removeprefix("docs/results/")
+                print(f"| {run} | {name} | {seed} | {'; '.join(cells)} |")
     print(f"\n{hits} of {total} client models score no higher than their class floor")
 
 
