@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from testbed.report import _num, majority_floor_note, pct
+from testbed.report import _num, class_floor_warnings, pct
 from testbed.scenario import Scenario
 
 
@@ -102,7 +102,7 @@ def rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, 
                 "cache_hits": sum(bool(r.get("cache", {}).get("hit")) for r in task["repeats"]),
                 "attacks": {},
                 "poisoning": summ.get("poisoning"),
-                "floor": majority_floor_note(task["repeats"]),
+                "class_floor": class_floor_warnings(task["repeats"]),
             }
             for label, a in summ["attacks"].items():
                 if label not in labels:
@@ -284,7 +284,7 @@ def notes(table_rows: list[dict[str, Any]]) -> list[str]:
     floor (a high AASR on a model that learned nothing reads as a weak defence)."""
     out = pareto_notes(table_rows)
     for r in table_rows:
-        out += [f"warning: {r['config']}: {n.removeprefix('warning: ')}" for n in r["floor"]]
+        out += [f"warning: {r['config']}: {w}" for w in r["class_floor"]]
     return out
 
 

@@ -78,7 +78,7 @@ def at_class_floor(acc: float, counts: list[int]) -> bool:
     return acc <= class_floor(counts) + 0.5 / sum(counts)
 
 
-def majority_floor_note(repeats: list[dict[str, Any]]) -> list[str]:
+def class_floor_warnings(repeats: list[dict[str, Any]]) -> list[str]:
     """A warning when a client's model scores no higher than always answering the commonest
     class of its own test split: on a label-sorted non-IID split that floor reaches 95-100%
     (paper_baseline's partition), and such an accuracy does not show the model learned."""
@@ -97,7 +97,7 @@ def majority_floor_note(repeats: list[dict[str, Any]]) -> list[str]:
         return []
     shown = "; ".join(hits[:4]) + (f"; {len(hits) - 4} more" if len(hits) > 4 else "")
     return [
-        f"warning: {len(hits)} of {total} client models score no higher than always "
+        f"{len(hits)} of {total} client models score no higher than always "
         f"answering their test split's commonest class ({shown}): their accuracy does not "
         "show that they learned the task"
     ]
@@ -161,7 +161,7 @@ def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
         "balanced: mean recall over the classes of each client's split (a constant answer "
         "scores 1 / classes)"
     )
-    acc.notes += majority_floor_note(repeats)
+    acc.notes += [f"warning: {w}" for w in class_floor_warnings(repeats)]
     out.append(acc)
 
     summ = task["summary"]

@@ -58,7 +58,7 @@ def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
         "does not show that they learned the task"
     ]
     for r in table["rows"]:  # the tiny runs' own (2 rounds): in compare.md as computed
-        assert all(f"warning: {r['config']}: {n[9:]}" in md for n in r["floor"])
+        assert all(f"warning: {r['config']}: {w}" in md for w in r["class_floor"])
 
     # Trade-offs: the figures, the front, and the tables sorted by the strongest AASR
     for fig in ("tradeoff.png", "tradeoff_epsilon.png"):  # paper-dp has an epsilon
