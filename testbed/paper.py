@@ -26,10 +26,13 @@ def find_attack(attacks: dict[str, Any], name: str, **params: float) -> str | No
     return None
 
 
+PAPER_ATTACKS = {  # the paper's table columns: attack and its parameters (Sec. V)
+    "FGSM": ("fgsm", {"eps": 0.03}),
+    "PGD-20": ("pgd", {"eps": 0.03, "eps_step": 0.007, "max_iter": 20}),
+    "PGD-40": ("pgd", {"eps": 0.03, "eps_step": 0.007, "max_iter": 40}),
+}
+
+
 def paper_attack_labels(attacks: dict[str, Any]) -> dict[str, str | None]:
     """Our attacks that match the paper's table columns (eps 0.03, alpha 0.007)."""
-    return {
-        "FGSM": find_attack(attacks, "fgsm", eps=0.03),
-        "PGD-20": find_attack(attacks, "pgd", eps=0.03, eps_step=0.007, max_iter=20),
-        "PGD-40": find_attack(attacks, "pgd", eps=0.03, eps_step=0.007, max_iter=40),
-    }
+    return {col: find_attack(attacks, name, **p) for col, (name, p) in PAPER_ATTACKS.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from testbed.paper import TABLE_I, TABLE_II, paper_attack_labels
+from testbed.paper import PAPER_ATTACKS, TABLE_I, TABLE_II, paper_attack_labels
 from testbed.report import TableData, _num, pct
 
 
@@ -60,5 +60,18 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
         t.notes.append("95% CI: not in this run's summary (recorded before testbed kept it)")
     else:
         t.notes.append("95% CI: needs two seeds or more")
+    if missing := [col for col, label in labels.items() if label is None]:
+        t.notes.append(_missing_note(missing))
     t.notes.append("paper: Darzi et al., Tables I-II (mean of 3 runs; its hardware not stated)")
     return [t]
+
+
+def _missing_note(columns: list[str]) -> str:
+    """Why a paper column reads n/a: the run has no attack with the paper's parameters (a
+    PGD with another eps measures another attack, so it is not set beside the paper's)."""
+    wanted = "; ".join(
+        f"{col}: {PAPER_ATTACKS[col][0]} "
+        + ", ".join(f"{k} {v:g}" for k, v in PAPER_ATTACKS[col][1].items())
+        for col in columns
+    )
+    return f"n/a: no attack in this run has the paper's parameters ({wanted}, on [0, 1] pixels)"

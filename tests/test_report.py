@@ -203,6 +203,11 @@ def test_paper_table_gives_the_95_percent_interval_over_seeds():
     assert rows["AASR PGD-20"][1:3] == ["28.00%", "23.03-32.97%"]
     assert rows["AASR PGD-40"][2] == "-"  # no such attack in the run
     assert "over 3 seeds; the paper's value lies inside it for AASR PGD-20" in table.notes[0]
+    # the columns without a matching attack say so, and name the parameters they need
+    assert table.notes[1] == (
+        "n/a: no attack in this run has the paper's parameters (FGSM: fgsm eps 0.03; "
+        "PGD-40: pgd eps 0.03, eps_step 0.007, max_iter 40, on [0, 1] pixels)"
+    )
     seed = {"aasr": mean_std([0.28]), "aetr": mean_std([0.9]), "cost_s": mean_std([1.0])}
     one = {**task, "summary": {"acc_mean": mean_std([0.81]), "attacks": {"PGD-20": seed}}}
     (single,) = paper_tables("t", "meningioma", one)
