@@ -6,6 +6,9 @@ test split sizes are checked against the record.
 
     python docs/results/class-floors.py scenarios/paper_baseline.toml DATA_ROOT \
         docs/results/paper_baseline-full-h200/{meningioma,glioma,pathology}-seed*.json
+
+A run made with ``--set`` overrides that change the partition (the sensitivity study's
+chunks-N runs) is checked with the same ``--set``.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ def main() -> None:
     ap.add_argument("scenario", type=Path)
     ap.add_argument("data_root", type=Path)
     ap.add_argument("metrics", type=Path, nargs="+")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     host = build_host()
-    sc = load_scenario(args.scenario, host.registry)
+    sc = load_scenario(args.scenario, host.registry, args.overrides)
     tasks, data = {t.name: t for t in sc.task_list()}, {}
     print("| run | task | seed | client: ACC / floor (test images of its commonest class) |")
     print("|---|---|---|---|")
