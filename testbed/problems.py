@@ -179,7 +179,7 @@ def _either(msgs: list[str]) -> str:
 
 
 _UNION_TAG = re.compile(
-    r"^(int|float|str|bool|bytes|none|"
+    r"^(int|float|str|bool|bytes|none|constrained-(int|float|str|bytes)|"
     r"(list|dict|tuple|set|literal|is-instance|lax-or-strict|nullable)\[.*\])$"
 )
 

@@ -17,6 +17,9 @@ from testbed.problems import pydantic_problems
 
 Num = float | Literal["inf", "-inf", "nan"] | None
 """A number as metrics.json writes it: JSON has no inf/NaN, so they are strings or null."""
+Rate = Annotated[float, Field(ge=0, le=1)] | Literal["nan"] | None
+"""A share (accuracy, attack success): a tampered 1.5 would read as 150%; NaN is a
+diverged model's."""
 
 
 class Open(BaseModel):
@@ -31,7 +34,7 @@ class Stat(Open):
 
 class AttackRepeat(Open):
     adversaries: list[int]
-    asr: list[list[Num]]
+    asr: list[list[Rate]]
     sweep_of: str | None = None
     attack: str
     params: dict[str, Any]
@@ -64,10 +67,10 @@ class Client(Open):
 class Repeat(Open):
     seed: int
     clients: list[Client] = Field(default_factory=list)
-    acc: dict[str, Num]
-    acc_mean: Num
-    acc_balanced: dict[str, Num] = Field(default_factory=dict)
-    acc_balanced_mean: Num = None
+    acc: dict[str, Rate]
+    acc_mean: Rate
+    acc_balanced: dict[str, Rate] = Field(default_factory=dict)
+    acc_balanced_mean: Rate = None
     attacks: dict[str, AttackRepeat]
     privacy: list[Privacy]
     events: list[Event] = Field(default_factory=list)
@@ -89,7 +92,12 @@ class Summary(Open):
     epsilon: Stat | None = None
 
 
+class Dataset(Open):
+    classes: list[str] | None = None
+
+
 class TaskMetrics(Open):
+    dataset: Dataset = Field(default_factory=Dataset)
     repeats: list[Repeat] = Field(min_length=1)
     summary: Summary
 
@@ -140,6 +148,7 @@ def _task_problems(where: str, name: str, task: TaskMetrics) -> list[str]:
         missing = [c for c in clients if c not in rep.acc]
         if missing:
             problems.append(f"{at}.acc: no accuracy for client(s) {', '.join(missing)}")
+        problems += _count_problems(at, rep.clients, task.dataset.classes)
         for label in first.attacks:
             a = rep.attacks.get(label)
             if a is None:
@@ -162,4 +171,20 @@ def _task_problems(where: str, name: str, task: TaskMetrics) -> list[str]:
         for label in labels.values():
             if label is not None and label not in task.summary.attacks:
                 problems.append(f"{where}.summary.attacks: attack {label!r} missing")
+    return problems
+
+
+def _count_problems(at: str, clients: list[Client], classes: list[str] | None) -> list[str]:
+    """A client's test labels per class must add up to its test split and name each class
+    once: the class floor is read from them."""
+    problems = []
+    for i, c in enumerate(clients):
+        counts = c.test_label_counts
+        if counts is None:
+            continue
+        where = f"{at}.clients[{i}].test_label_counts"
+        if classes is not None and len(counts) != len(classes):
+            problems.append(f"{where}: {len(counts)} counts for {len(classes)} classes")
+        elif sum(counts) != c.test:
+            problems.append(f"{where}: they add up to {sum(counts)}, not the {c.test} test images")
     return problems
