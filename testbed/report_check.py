@@ -32,6 +32,10 @@ class Stat(Open):
     n: int = 1
 
 
+class RateStat(Stat):
+    mean: Rate
+
+
 class AttackRepeat(Open):
     adversaries: list[int]
     asr: list[list[Rate]]
@@ -78,16 +82,17 @@ class Repeat(Open):
 
 
 class AttackSummary(Open):
-    aasr: Stat | None
-    aasr_own: Stat | None
-    aasr_benign: Stat | None
-    aetr: Stat | None
+    aasr: RateStat | None
+    aasr_own: RateStat | None
+    aasr_benign: RateStat | None
+    aetr: RateStat | None
     cost_s: Stat
 
 
 class Summary(Open):
     attacks: dict[str, AttackSummary]
-    acc_mean: Stat
+    acc_mean: RateStat
+    acc_balanced_mean: RateStat | None = None
     round_s: Stat
     epsilon: Stat | None = None
 

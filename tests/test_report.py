@@ -143,27 +143,38 @@ def test_tampered_class_counts_are_refused_not_read_as_a_floor(sweep_run, tmp_pa
     ("tamper", "expected"),
     [
         (
-            lambda rep: rep["acc_balanced"].update({"0": 1.5}),
+            lambda task: task["repeats"][0]["acc_balanced"].update({"0": 1.5}),
             "repeats[0].acc_balanced.0: Input should be less than or equal to 1",
         ),
         (
-            lambda rep: rep["acc"].update({"1": -0.1}),
+            lambda task: task["repeats"][0]["acc"].update({"1": -0.1}),
             "repeats[0].acc.1: Input should be greater than or equal to 0",
         ),
         (
-            lambda rep: rep["attacks"]["PGD-3"]["asr"][0].__setitem__(0, 2.0),
+            lambda task: task["repeats"][0]["attacks"]["PGD-3"]["asr"][0].__setitem__(0, 2.0),
             "PGD-3.asr[0][0]: Input should be less than or equal to 1; or 'nan'",
         ),
         (
-            lambda rep: rep["clients"][0].update(test_label_counts=[1, 2, 3]),
+            lambda task: task["summary"]["attacks"]["PGD-3"]["aetr"].update(mean=1.2),
+            "summary.attacks.PGD-3.aetr.mean: Input should be less than or equal to 1",
+        ),
+        (
+            lambda task: task["repeats"][0]["clients"][0].update(test_label_counts=[1, 2, 3]),
             "clients[0].test_label_counts: 3 counts for 2 classes",
         ),
         (
-            lambda rep: rep["clients"][1].update(test_label_counts=[100, 100]),
+            lambda task: task["repeats"][0]["clients"][1].update(test_label_counts=[100, 100]),
             "clients[1].test_label_counts: they add up to 200, not the",
         ),
     ],
-    ids=["balanced-150%", "acc-negative", "asr-200%", "counts-3-classes", "counts-sum"],
+    ids=[
+        "balanced-150%",
+        "acc-negative",
+        "asr-200%",
+        "aetr-mean",
+        "counts-3-classes",
+        "counts-sum",
+    ],
 )
 def test_tampered_rates_and_counts_are_refused(sweep_run, tmp_path, capsys, tamper, expected):
     """A rate outside [0, 1] or test counts that are not the client's split would be read
@@ -173,7 +184,7 @@ def test_tampered_rates_and_counts_are_refused(sweep_run, tmp_path, capsys, tamp
     run = tmp_path / "tampered"
     shutil.copytree(sweep_run, run)
     metrics = json.loads((run / "metrics.json").read_text())
-    tamper(metrics["tasks"]["meningioma"]["repeats"][0])
+    tamper(metrics["tasks"]["meningioma"])
     (run / "metrics.json").write_text(json.dumps(metrics))
     assert main(["report", str(run)]) == 2
     err = " ".join(capsys.readouterr().err.split())
