@@ -48,6 +48,11 @@ def _class(classes: list[str], i: Any) -> str:
         return str(i)
 
 
+def _per_class(classes: list[str], counts: list[int]) -> str:
+    """'no_tumor 73, meningioma_tumor 109' from a client's images per class."""
+    return ", ".join(f"{_class(classes, i)} {n}" for i, n in enumerate(counts))
+
+
 def example_html(ex: dict[str, Any], classes: list[str], caption: str) -> str:
     x = ex["x"].float().cpu().numpy()
     x_adv = ex["x_adv"].float().cpu().numpy()
@@ -267,12 +272,10 @@ def clients_table(title: str, task: dict[str, Any]) -> TableData:
     )
     for r in task["repeats"]:
         for c in r.get("clients", []):
-            counts = c.get("train_label_counts") or []
-            per_class = ", ".join(f"{_class(classes, i)} {n}" for i, n in enumerate(counts))
+            per_class = _per_class(classes, c.get("train_label_counts") or [])
             test = str(c["test"])
             if tc := c.get("test_label_counts"):  # the floor the clean ACC is read against
-                test += " (" + ", ".join(f"{_class(classes, i)} {n}" for i, n in enumerate(tc))
-                test += ")"
+                test += f" ({_per_class(classes, tc)})"
             t.rows.append(
                 [str(r["seed"]), str(c["id"]), str(c["train"]), test, per_class,
                  pct(r["acc"].get(str(c["id"]))),

@@ -82,6 +82,14 @@ def test_report_html_is_self_contained_and_complete(run_dir):
     assert "Resolved scenario (scenario.json)" in html and "&quot;noise_multiplier&quot;" in html
     for text in key_numbers(metrics).values():
         assert text in html
+    # each client's test images per class, the floor its clean ACC is read against
+    task = metrics["tasks"]["synthetic"]
+    classes = task["dataset"]["classes"]
+    for c in task["repeats"][0]["clients"]:
+        per_class = ", ".join(
+            f"{k} {n}" for k, n in zip(classes, c["test_label_counts"], strict=True)
+        )
+        assert f"<td>{c['test']} ({escape(per_class)})</td>" in html
 
 
 def test_user_strings_are_escaped(run_dir):
