@@ -155,6 +155,15 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> Non
         raise PluginError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
     except ValueError as exc:  # a name registered twice
         raise PluginError(f"plugin {name!r}: {exc}") from exc
+    # pluggy registers a plugin with no @hookimpl silently; here that is always a mistake
+    # (an undecorated function, the wrong module named), and it would leave the user
+    # believing a defence or attack was in play.
+    if not pm.get_hookcallers(plugin):
+        pm.unregister(plugin)
+        raise PluginError(
+            f"plugin {name or plugin!r} implements no testbed hook: "
+            "mark its hook functions with @testbed.hookimpl"
+        )
 
 
 def build_host(

@@ -167,6 +167,22 @@ def test_hookimpl_with_wrong_arguments_is_rejected_at_load(tmp_path, monkeypatch
     assert "badargs_plugin" in capsys.readouterr().err
 
 
+def test_plugin_module_without_any_hookimpl_is_rejected_at_load(tmp_path, monkeypatch, capsys):
+    # The hook is spelt right but not marked: pluggy would register the module and never
+    # call it, so the run would go ahead without the plugin the user asked for.
+    (tmp_path / "unmarked_plugin.py").write_text(
+        textwrap.dedent("""
+        def testbed_before_aggregation(ctx, updates):
+            pass
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["-p", "unmarked_plugin", "plugins"]) == 2
+    err = capsys.readouterr().err
+    assert "unmarked_plugin" in err and "implements no testbed hook" in err
+    assert "Traceback" not in err
+
+
 KILLABLE = (
     TINY.replace("rounds = 2", "rounds = 8").replace("n_samples = 90", "n_samples = 240")
     + """
