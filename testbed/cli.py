@@ -1,4 +1,7 @@
-"""`testbed run | validate | plugins`: exit 0 on success, 2 on a user mistake."""
+"""testbed: defences for federated learning on medical images, measured.
+
+Every command exits 0 on success and 2 on a user mistake, with a one-line error;
+`audit` exits 1 when its lower bound on epsilon exceeds the claimed one."""
 
 from __future__ import annotations
 
