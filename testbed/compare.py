@@ -19,7 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from testbed.report import _num, class_floor_warnings, pct
+from testbed.report import _num, pct
+from testbed.report_floors import class_floor_warnings
 from testbed.scenario import Scenario
 
 

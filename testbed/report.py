@@ -67,48 +67,13 @@ def _count_note(what: str, counts: list[int], of: str) -> list[str]:
     return [note]
 
 
-def class_floor(counts: list[int]) -> float:
-    """What always answering the commonest class scores on a split with these counts."""
-    return max(counts) / sum(counts)
-
-
-def at_class_floor(acc: float, counts: list[int]) -> bool:
-    """Whether ``acc`` is no higher than the split's class floor, within half an image
-    (float32 accuracies against this ratio)."""
-    return acc <= class_floor(counts) + 0.5 / sum(counts)
-
-
-def class_floor_warnings(repeats: list[dict[str, Any]]) -> list[str]:
-    """A warning when a client's model scores no higher than always answering the commonest
-    class of its own test split: on a label-sorted non-IID split that floor reaches 95-100%
-    (paper_baseline's partition), and such an accuracy does not show the model learned."""
-    hits, total = [], 0
-    for r in repeats:
-        for c in r.get("clients", []):
-            counts = c.get("test_label_counts")  # absent in runs from before it was recorded
-            if not counts or not sum(counts):
-                continue
-            total += 1
-            acc = _num(r["acc"].get(str(c["id"])))
-            if at_class_floor(acc, counts):
-                floor = pct(class_floor(counts))
-                hits.append(f"seed {r['seed']} client {c['id']} {pct(acc)} against {floor}")
-    if not hits:
-        return []
-    shown = "; ".join(hits[:4]) + (f"; {len(hits) - 4} more" if len(hits) > 4 else "")
-    return [
-        f"{len(hits)} of {total} client models score no higher than always "
-        f"answering their test split's commonest class ({shown}): their accuracy does not "
-        "show that they learned the task"
-    ]
-
-
 WIDE = 8
 """Above this many clients, tables show the spread over clients instead of one column each."""
 
 
 def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
     # both import this module
+    from testbed.report_floors import class_floor_warnings
     from testbed.report_paper import paper_tables
     from testbed.report_robustness import robust_cell, robustness_tables
 

@@ -49,13 +49,15 @@ def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
     for c in rep["clients"]:
         c["test_label_counts"] = [1, 3]  # 4 test images: the floor is 75%
     rep["acc"] = {"0": 0.75, "1": 1.0, "2": 1.0}
+    rep["acc_balanced"] = {"0": 0.5, "1": 1.0, "2": 1.0}  # client 0 always answers class 1
     from testbed import compare
 
     _, flagged = compare.rows({"no-dp": metrics})
     assert compare.notes(flagged)[1:] == [
         "warning: no-dp: 1 of 3 client models score no higher than always answering their "
-        "test split's commonest class (seed 5 client 0 75.00% against 75.00%): their accuracy "
-        "does not show that they learned the task"
+        "test split's commonest class (seed 5 client 0 75.00% against 75.00%, balanced "
+        "50.00%): their accuracy does not show that they learned the task; their balanced "
+        "accuracy does (one constant answer scores 50.00%)"
     ]
     for r in table["rows"]:  # the tiny runs' own (2 rounds): in compare.md as computed
         assert all(f"warning: {r['config']}: {w}" in md for w in r["class_floor"])

@@ -86,7 +86,10 @@ def test_report_says_how_many_images_each_rate_is_computed_on(sweep_run):
 def test_a_model_no_better_than_the_commonest_class_is_flagged(sweep_run):
     """12 test images, 9 of one class: always answering it scores 75%. A model at 75% (or
     74.99%, float32) is flagged; one at 10/12 = 83.33% is not; a run without the counts
-    (recorded before them) says nothing."""
+    (recorded before them) says nothing. Each flagged model's balanced accuracy tells the
+    one that always answers the commonest class (9/9 and 0/3 right: (1 + 0) / 2 = 50%)
+    from one under the floor that learned both (3 of 9 and 3 of 3 right, 6/12 = 50% plain:
+    (1/3 + 1) / 2 = 66.67%)."""
     from testbed.report import markdown
 
     metrics = json.loads((sweep_run / "metrics.json").read_text())
@@ -94,12 +97,19 @@ def test_a_model_no_better_than_the_commonest_class_is_flagged(sweep_run):
     for c in rep["clients"]:
         c["test_label_counts"] = [3, 9]
     rep["acc"] = {"0": 0.7499999, "1": 10 / 12, "2": 0.5}
+    rep["acc_balanced"] = {"0": 0.5, "1": 0.8333333, "2": 2 / 3}
     md = markdown(metrics)
-    assert (
+    flagged = (
         "warning: 2 of 3 client models score no higher than always answering their test "
-        "split's commonest class (seed 5 client 0 75.00% against 75.00%; seed 5 client 2 "
-        "50.00% against 75.00%): their accuracy does not show that they learned the task"
-    ) in md
+        "split's commonest class (seed 5 client 0 75.00% against 75.00%, balanced 50.00%; "
+        "seed 5 client 2 50.00% against 75.00%, balanced 66.67%): their accuracy does not "
+        "show that they learned the task"
+    )
+    assert flagged + "; their balanced accuracy does (one constant answer scores 50.00%)" in md
+    del rep["acc_balanced"]  # a run from before balanced accuracy was recorded
+    md = markdown(metrics)
+    assert flagged.replace(", balanced 50.00%", "").replace(", balanced 66.67%", "") in md
+    assert "balanced accuracy does" not in md
     for c in rep["clients"]:
         del c["test_label_counts"]
     assert "commonest class" not in markdown(metrics)

@@ -21,7 +21,7 @@ import torch
 
 from testbed.assemble import split_train_test
 from testbed.pluginmanager import build_host
-from testbed.report import at_class_floor, class_floor
+from testbed.report_floors import at_class_floor, class_floor
 from testbed.runner import load_task_data
 from testbed.scenario_load import load_scenario
 from testbed.state import generator
