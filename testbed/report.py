@@ -72,7 +72,7 @@ WIDE = 8
 
 
 def task_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]:
-    # both import this module
+    # they import this module
     from testbed.report_floors import class_floor_warnings
     from testbed.report_paper import paper_tables
     from testbed.report_robustness import robust_cell, robustness_tables

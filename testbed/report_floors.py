@@ -52,12 +52,9 @@ def class_floor_warnings(repeats: list[dict[str, Any]]) -> list[str]:
         return []
     shown = "; ".join(hits[:4]) + (f"; {len(hits) - 4} more" if len(hits) > 4 else "")
     why = "their accuracy does not show that they learned the task"
-    if len(chance) == 1:
-        why += (
-            f"; their balanced accuracy does (one constant answer scores {pct(1 / chance.pop())})"
-        )
-    elif chance:
-        why += "; their balanced accuracy does (one constant answer scores 1/k on k classes)"
+    if chance:
+        constant = pct(1 / min(chance)) if len(chance) == 1 else "1/k on k classes"
+        why += f"; balanced accuracy tells which did (a constant answer scores {constant})"
     return [
         f"{len(hits)} of {total} client models score no higher than always "
         f"answering their test split's commonest class ({shown}): {why}"

@@ -56,8 +56,8 @@ def test_compare_two_defences_writes_table_json_and_chart(tmp_path, capsys):
     assert compare.notes(flagged)[1:] == [
         "warning: no-dp: 1 of 3 client models score no higher than always answering their "
         "test split's commonest class (seed 5 client 0 75.00% against 75.00%, balanced "
-        "50.00%): their accuracy does not show that they learned the task; their balanced "
-        "accuracy does (one constant answer scores 50.00%)"
+        "50.00%): their accuracy does not show that they learned the task; balanced "
+        "accuracy tells which did (a constant answer scores 50.00%)"
     ]
     for r in table["rows"]:  # the tiny runs' own (2 rounds): in compare.md as computed
         assert all(f"warning: {r['config']}: {w}" in md for w in r["class_floor"])

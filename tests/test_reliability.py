@@ -58,10 +58,21 @@ class Crashing:
         raise RuntimeError("boom in round %d" % ctx.round)
 
 
+class Hollow:
+    """A defence whose hook lacks @hookimpl: it would never run."""
+
+    def __init__(self, p):
+        pass
+
+    def testbed_before_aggregation(self, ctx, updates):
+        updates.clear()
+
+
 @hookimpl
 def testbed_register_defences(registry):
     registry.add("sabotage", Saboteur, params=SabotageParams)
     registry.add("crashing", Crashing)
+    registry.add("hollow", Hollow)
 '''
 
 
@@ -134,6 +145,14 @@ def test_exception_in_plugin_hook_names_plugin_and_hook(tmp_path, plugin_module,
     assert code == 2 and metrics is None
     assert "hostile_plugin" in err and "testbed_before_aggregation" in err
     assert "boom in round 1" in err and "Traceback" not in err
+
+
+def test_a_defence_whose_object_implements_no_hook_stops_the_run(tmp_path, plugin_module, capsys):
+    code, metrics = run_with(tmp_path, plugin_module, 'name = "hollow"')
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and metrics is None and "Traceback" not in err
+    assert "plugin 'hostile_plugin.Hollow#" in err and "implements no testbed hook" in err
+    assert list(tmp_path.glob("*run*")) == []  # no folder, not even a partial one
 
 
 def test_hookimpl_for_unknown_hook_is_rejected_at_load(tmp_path, monkeypatch, capsys):
