@@ -17,6 +17,7 @@ from typing import Any
 from testbed.html_page import data_uri, e
 from testbed.metrics import class_name
 from testbed.report import TableData, _num, _stat_pct, pct
+from testbed.report_floors import at_class_floor, class_floor
 
 MAX_GENERIC_ROWS = 500
 MAX_EXAMPLES = 60
@@ -267,19 +268,23 @@ def clients_table(title: str, task: dict[str, Any]) -> TableData:
             "test images",
             "train images per class",
             "clean ACC",
+            "class floor",
             "balanced ACC",
         ],
     )
     for r in task["repeats"]:
         for c in r.get("clients", []):
             per_class = _per_class(classes, c.get("train_label_counts") or [])
-            test = str(c["test"])
-            if tc := c.get("test_label_counts"):  # the floor the clean ACC is read against
+            acc = r["acc"].get(str(c["id"]))
+            test, floor = str(c["test"]), "n/a"
+            if (tc := c.get("test_label_counts")) and sum(tc):  # the floor ACC is read against
                 test += f" ({_per_class(classes, tc)})"
+                floor = pct(class_floor(tc)) + (
+                    " (ACC at or under it)" if at_class_floor(_num(acc), tc) else ""
+                )
             t.rows.append(
-                [str(r["seed"]), str(c["id"]), str(c["train"]), test, per_class,
-                 pct(r["acc"].get(str(c["id"]))),
-                 pct(r.get("acc_balanced", {}).get(str(c["id"])))]
+                [str(r["seed"]), str(c["id"]), str(c["train"]), test, per_class, pct(acc),
+                 floor, pct(r.get("acc_balanced", {}).get(str(c["id"])))]
             )  # fmt: skip
     return t
 

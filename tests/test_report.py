@@ -89,8 +89,9 @@ def test_a_model_no_better_than_the_commonest_class_is_flagged(sweep_run):
     (recorded before them) says nothing. Each flagged model's balanced accuracy tells the
     one that always answers the commonest class (9/9 and 0/3 right: (1 + 0) / 2 = 50%)
     from one under the floor that learned both (3 of 9 and 3 of 3 right, 6/12 = 50% plain:
-    (1/3 + 1) / 2 = 66.67%)."""
+    (1/3 + 1) / 2 = 66.67%). report.html's clients table marks the same two."""
     from testbed.report import markdown
+    from testbed.report_html_sections import clients_table
 
     metrics = json.loads((sweep_run / "metrics.json").read_text())
     (rep,) = metrics["tasks"]["meningioma"]["repeats"]
@@ -106,6 +107,8 @@ def test_a_model_no_better_than_the_commonest_class_is_flagged(sweep_run):
         "show that they learned the task"
     )
     assert flagged + "; balanced accuracy tells which did (a constant answer scores 50.00%)" in md
+    floors = [row[6] for row in clients_table("t", metrics["tasks"]["meningioma"]).rows]
+    assert floors == ["75.00% (ACC at or under it)", "75.00%", "75.00% (ACC at or under it)"]
     del rep["acc_balanced"]  # a run from before balanced accuracy was recorded
     md = markdown(metrics)
     assert flagged.replace(", balanced 50.00%", "").replace(", balanced 66.67%", "") in md

@@ -90,6 +90,8 @@ def test_report_html_is_self_contained_and_complete(run_dir):
             f"{k} {n}" for k, n in zip(classes, c["test_label_counts"], strict=True)
         )
         assert f"<td>{c['test']} ({escape(per_class)})</td>" in html
+        floor = 100 * max(c["test_label_counts"]) / c["test"]
+        assert f"<td>{floor:.2f}%" in html  # the class floor column
 
 
 def test_user_strings_are_escaped(run_dir):
