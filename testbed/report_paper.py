@@ -19,7 +19,7 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
     def stat(label: str | None, key: str) -> dict[str, Any]:
         return summ["attacks"][label][key] if label else {}
 
-    rows = [
+    rows: list[tuple[str, dict[str, Any], float | None, bool]] = [
         ("ACC", summ["acc_mean"], acc, True),
         ("AASR PGD-20", stat(labels["PGD-20"], "aasr"), p20, True),
         ("AASR PGD-40", stat(labels["PGD-40"], "aasr"), p40, True),
@@ -28,6 +28,8 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
         ("AETR FGSM", stat(labels["FGSM"], "aetr"), aetr_fgsm, True),
         ("AETR PGD-20", stat(labels["PGD-20"], "aetr"), aetr_pgd, True),
     ]
+    if "acc_balanced_mean" in summ:  # the paper gives none; ours shows what a skewed split hides
+        rows.insert(1, ("balanced ACC", summ["acc_balanced_mean"], None, True))
     t = TableData(
         f"{title}: Tables I and II beside the paper",
         ["metric", "ours", "95% CI", "paper", "diff"],
@@ -36,6 +38,10 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
     has_ci = False
     for metric, st, theirs, is_rate in rows:
         ours = _num(st.get("mean"))
+        if theirs is None:
+            ci = _ci(st, ours)
+            t.rows.append([metric, pct(ours), "-" if ci is None else ci[0], "not reported", "-"])
+            continue
         if not is_rate:  # seconds: hardware-bound, no interval over seeds
             diff = "n/a" if math.isnan(ours) else f"x{ours / theirs:.3g}"
             cells = ["n/a" if math.isnan(ours) else f"{ours:.3f}", "-", f"{theirs}", diff]
@@ -43,10 +49,9 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
             continue
         diff = "n/a" if math.isnan(ours) else f"{100 * (ours - theirs):+.2f} pp"
         ci = "-"
-        if st.get("ci95") is not None:
+        if (interval := _ci(st, ours)) is not None:
             has_ci = True
-            lo, hi = ours - _num(st["ci95"]), ours + _num(st["ci95"])
-            ci = f"{100 * lo:.2f}-{100 * hi:.2f}%"
+            ci, (lo, hi) = interval
             if lo <= theirs <= hi:
                 inside.append(metric)
         t.rows.append([metric, pct(ours), ci, pct(theirs), diff])
@@ -64,6 +69,14 @@ def paper_tables(title: str, name: str, task: dict[str, Any]) -> list[TableData]
         t.notes.append(_missing_note(missing))
     t.notes.append("paper: Darzi et al., Tables I-II (mean of 3 runs; its hardware not stated)")
     return [t]
+
+
+def _ci(stat: dict[str, Any], mean: float) -> tuple[str, tuple[float, float]] | None:
+    """The summary's 95% interval as text and bounds, or None where it holds none."""
+    if stat.get("ci95") is None:
+        return None
+    lo, hi = mean - _num(stat["ci95"]), mean + _num(stat["ci95"])
+    return f"{100 * lo:.2f}-{100 * hi:.2f}%", (lo, hi)
 
 
 def _missing_note(columns: list[str]) -> str:
