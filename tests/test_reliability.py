@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -155,51 +154,28 @@ def test_a_defence_whose_object_implements_no_hook_stops_the_run(tmp_path, plugi
     assert list(tmp_path.glob("*run*")) == []  # no folder, not even a partial one
 
 
-def test_hookimpl_for_unknown_hook_is_rejected_at_load(tmp_path, monkeypatch, capsys):
-    (tmp_path / "typo_plugin.py").write_text(
-        textwrap.dedent("""
-        from testbed import hookimpl
-
-        @hookimpl
-        def testbed_before_aggregaton(ctx, updates):
-            pass
-    """)
-    )
+@pytest.mark.parametrize(
+    ("module", "source", "named"),
+    [
+        # a misspelt hook name
+        ("typo_plugin", "@hookimpl\ndef testbed_before_aggregaton(ctx, updates):\n    pass\n",
+         "testbed_before_aggregaton"),
+        # a spec's hook with an argument it does not have
+        ("badargs_plugin", "@hookimpl\ndef testbed_broadcast(ctx, broadcast, extra):\n    pass\n",
+         "is invalid"),
+        # spelt right but not marked: pluggy would register the module and never call it, so
+        # the run would go ahead without the plugin the user asked for
+        ("unmarked_plugin", "def testbed_before_aggregation(ctx, updates):\n    pass\n",
+         "implements no testbed hook"),
+    ],
+)  # fmt: skip
+def test_a_faulty_plugin_module_is_rejected_at_load(tmp_path, monkeypatch, capsys, module,
+                                                    source, named):  # fmt: skip
+    (tmp_path / f"{module}.py").write_text("from testbed import hookimpl\n\n" + source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["-p", "typo_plugin", "plugins"]) == 2
+    assert main(["-p", module, "plugins"]) == 2
     err = capsys.readouterr().err
-    assert "typo_plugin" in err and "testbed_before_aggregaton" in err
-
-
-def test_hookimpl_with_wrong_arguments_is_rejected_at_load(tmp_path, monkeypatch, capsys):
-    (tmp_path / "badargs_plugin.py").write_text(
-        textwrap.dedent("""
-        from testbed import hookimpl
-
-        @hookimpl
-        def testbed_broadcast(ctx, broadcast, extra):
-            pass
-    """)
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["-p", "badargs_plugin", "plugins"]) == 2
-    assert "badargs_plugin" in capsys.readouterr().err
-
-
-def test_plugin_module_without_any_hookimpl_is_rejected_at_load(tmp_path, monkeypatch, capsys):
-    # The hook is spelt right but not marked: pluggy would register the module and never
-    # call it, so the run would go ahead without the plugin the user asked for.
-    (tmp_path / "unmarked_plugin.py").write_text(
-        textwrap.dedent("""
-        def testbed_before_aggregation(ctx, updates):
-            pass
-    """)
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["-p", "unmarked_plugin", "plugins"]) == 2
-    err = capsys.readouterr().err
-    assert "unmarked_plugin" in err and "implements no testbed hook" in err
-    assert "Traceback" not in err
+    assert module in err and named in err and "Traceback" not in err
 
 
 KILLABLE = (
